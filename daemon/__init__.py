@@ -1,0 +1,1 @@
+"""The asyncio service around the solver: Kafka, vLLM pool, windows, CLI."""

@@ -1,0 +1,1 @@
+"""Versioned message contracts (pydantic v2) exchanged over Kafka."""
