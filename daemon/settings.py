@@ -1,0 +1,347 @@
+"""Daemon configuration: the one place environment variables (prefix `CLEAR_`) are read.
+
+`load_settings()` reads the process environment and an optional `.env` file and turns every
+validation failure into a `SettingsError` whose message names the environment variable, so
+`clearbudget run` can print it and exit non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from dotenv import dotenv_values
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    FilePath,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CLEAR_"
+DEFAULT_ENV_FILE = Path(".env")
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+# Kafka's own rule for topic names (legal characters, at most 249 of them).
+_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message names each offending environment variable."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("invalid settings:\n  " + "\n  ".join(self.problems))
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets the `Settings` field `field_name`."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _validate_topic(value: str) -> str:
+    if not _TOPIC_PATTERN.fullmatch(value) or value in {".", ".."}:
+        raise ValueError(
+            f"{value!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; 1-249 chars)"
+        )
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the daemon is configured with; one environment variable per field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=DEFAULT_ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        default="localhost:9092", description="Comma-separated host:port list of brokers."
+    )
+    input_topic: str = Field(default="clear.queries", description="QueryRequest messages.")
+    result_topic: str = Field(default="clear.results", description="QueryResult messages.")
+    dlq_topic: str = Field(default="clear.dlq", description="Rejected input with its error.")
+    window_topic: str | None = Field(
+        default="clear.windows", description="Per-window reports; empty disables them."
+    )
+    consumer_group: str = Field(default="clearbudget", min_length=1)
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: FilePath | None = None
+    kafka_ssl_certfile: FilePath | None = None
+    kafka_ssl_keyfile: FilePath | None = None
+
+    # --- vLLM backends ---------------------------------------------------------------------
+    vllm_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("http://localhost:8000",),
+        description="Comma-separated base URLs of OpenAI-compatible vLLM servers.",
+    )
+    vllm_api_key: SecretStr | None = None
+    model: str = Field(default="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", min_length=1)
+    endpoint_concurrency: int = Field(default=32, gt=0, description="In-flight requests/pod.")
+    request_timeout_seconds: float = Field(default=300.0, gt=0)
+    request_retries: int = Field(default=2, ge=0, le=20)
+
+    # --- Budget and windows ----------------------------------------------------------------
+    tokens_per_second: float = Field(default=4000.0, gt=0, description="Global token budget.")
+    window_seconds: float = Field(default=2.0, gt=0)
+    window_max_queries: int = Field(default=256, gt=0)
+    carry_over_windows: float = Field(
+        default=1.0, ge=0, description="Unspent budget carried over, capped at N windows' worth."
+    )
+    # One 256-token probe, later continued, beat two parallel probes on the shared rollouts
+    # (DESIGN.md, "Probes and fitting").
+    probe_samples: int = Field(default=1, ge=0, le=64, description="0 disables probing.")
+    probe_tokens: int = Field(default=256, gt=0)
+    max_tokens_per_query: int = Field(default=8192, gt=0)
+    max_prompt_bytes: int = Field(default=131072, gt=0)
+
+    # --- Process ---------------------------------------------------------------------------
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    log_level: LogLevel = "INFO"
+    shutdown_deadline_seconds: float = Field(default=25.0, gt=0)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [part.strip() for part in value.split(",") if part.strip()]
+        if not servers:
+            raise ValueError("needs at least one host:port")
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{server!r} is not host:port")
+        return ",".join(servers)
+
+    @field_validator("input_topic", "result_topic", "dlq_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        return _validate_topic(value)
+
+    @field_validator("window_topic", mode="before")
+    @classmethod
+    def _check_window_topic(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            return _validate_topic(value.strip())
+        return value
+
+    @field_validator("kafka_sasl_username", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(
+        "kafka_sasl_password",
+        "vllm_api_key",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A Kubernetes Secret or ConfigMap key left empty means "not configured".
+        return None if value == "" else value
+
+    @field_validator("vllm_endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("vllm_endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one base URL")
+        normalised = tuple(_normalise_base_url(url) for url in value)
+        if len(set(normalised)) != len(normalised):
+            raise ValueError("lists the same URL twice")
+        return normalised
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", "log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        problems = [
+            *self._topic_clashes(),
+            *self._security_problems(),
+            *self._budget_problems(),
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _topic_clashes(self) -> list[str]:
+        seen: dict[str, str] = {}
+        clashes = []
+        for name in ("input_topic", "result_topic", "dlq_topic", "window_topic"):
+            topic = getattr(self, name)
+            if topic is None:
+                continue
+            if topic in seen:
+                clashes.append(f"{env_var(name)} and {env_var(seen[topic])} are both {topic!r}")
+            seen[topic] = name
+        return clashes
+
+    def _security_problems(self) -> list[str]:
+        problems = []
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        tls = self.kafka_security_protocol.endswith("SSL")
+        has_credentials = (
+            self.kafka_sasl_username is not None or self.kafka_sasl_password is not None
+        )
+        if sasl and (self.kafka_sasl_username is None or self.kafka_sasl_password is None):
+            problems.append(
+                f"{env_var('kafka_sasl_username')} and {env_var('kafka_sasl_password')} are "
+                f"required when {env_var('kafka_security_protocol')} is "
+                f"{self.kafka_security_protocol}"
+            )
+        if not sasl and has_credentials:
+            problems.append(
+                f"{env_var('kafka_sasl_username')}/{env_var('kafka_sasl_password')} are set but "
+                f"{env_var('kafka_security_protocol')} is {self.kafka_security_protocol} "
+                "(use SASL_SSL or SASL_PLAINTEXT)"
+            )
+        tls_files = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+        if not tls and any(getattr(self, name) is not None for name in tls_files):
+            problems.append(
+                f"TLS files are set but {env_var('kafka_security_protocol')} is "
+                f"{self.kafka_security_protocol} (use SSL or SASL_SSL)"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            problems.append(
+                f"{env_var('kafka_ssl_certfile')} and {env_var('kafka_ssl_keyfile')} "
+                "must be set together"
+            )
+        return problems
+
+    def _budget_problems(self) -> list[str]:
+        if self.probe_samples > 0 and self.probe_tokens > self.max_tokens_per_query:
+            return [
+                f"{env_var('probe_tokens')} ({self.probe_tokens}) exceeds "
+                f"{env_var('max_tokens_per_query')} ({self.max_tokens_per_query})"
+            ]
+        return []
+
+    @property
+    def window_budget_tokens(self) -> float:
+        """The budget of one full-length window, before carry-over."""
+        return self.tokens_per_second * self.window_seconds
+
+    @property
+    def carry_over_cap_tokens(self) -> float:
+        """The most unspent budget that may roll into the next window."""
+        return self.carry_over_windows * self.window_budget_tokens
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """`kafka_bootstrap` split into host:port entries (what aiokafka accepts)."""
+        return self.kafka_bootstrap.split(",")
+
+
+def _normalise_base_url(raw: str) -> str:
+    try:
+        url = _HTTP_URL.validate_python(raw)
+    except ValidationError:
+        raise ValueError(f"{raw!r} is not an http(s) URL") from None
+    if url.query or url.fragment:
+        raise ValueError(f"{raw!r}: a base URL has no query or fragment")
+    return str(url).rstrip("/")
+
+
+def env_var_names() -> frozenset[str]:
+    """Every environment variable `Settings` reads (for manifests and docs)."""
+    return frozenset(env_var(name) for name in Settings.model_fields)
+
+
+SECRET_FIELDS = frozenset(
+    name
+    for name, field in Settings.model_fields.items()
+    if field.annotation in (SecretStr, SecretStr | None)
+)
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    env_file: Path | str | None = DEFAULT_ENV_FILE,
+) -> Settings:
+    """Read and validate the settings.
+
+    `env=None` reads the process environment, then `env_file` (if it exists) for variables the
+    environment does not set. A mapping replaces both, which keeps tests hermetic.
+    Raises `SettingsError` naming every bad or unknown `CLEAR_*` variable.
+    """
+    if env is None:
+        file_values = _read_env_file(env_file)
+        _reject_unknown([*os.environ, *file_values])
+        return _validated(lambda: Settings(_env_file=env_file))
+    _reject_unknown(env)
+    values = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.upper().startswith(ENV_PREFIX)
+    }
+    return _validated(lambda: Settings.model_validate(values))
+
+
+def _read_env_file(env_file: Path | str | None) -> dict[str, str | None]:
+    if env_file is None or not Path(env_file).is_file():
+        return {}
+    return dotenv_values(env_file)
+
+
+def _reject_unknown(names: Iterable[str]) -> None:
+    # A misspelt variable would otherwise be ignored silently and its default used.
+    known = env_var_names()
+    unknown = sorted(
+        {n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
+    )
+    if unknown:
+        raise SettingsError(f"{name}: unknown setting (a typo?)" for name in unknown)
+
+
+def _validated(build: Callable[[], Settings]) -> Settings:
+    try:
+        return build()
+    except ValidationError as exc:
+        raise SettingsError(_describe(error) for error in exc.errors()) from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    loc = error.get("loc") or ()
+    if not loc:
+        return message
+    field = str(loc[0])
+    shown = "" if field in SECRET_FIELDS else f" (got {error.get('input')!r})"
+    return f"{env_var(field)}: {message}{shown}"

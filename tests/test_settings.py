@@ -1,0 +1,240 @@
+"""Settings: defaults, environment and `.env` parsing, and errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import (
+    ENV_PREFIX,
+    SECRET_FIELDS,
+    Settings,
+    SettingsError,
+    env_var,
+    env_var_names,
+    load_settings,
+)
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No CLEAR_* variables in the process environment; cwd is an empty directory."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def problems_of(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    return str(caught.value)
+
+
+def test_defaults_follow_design() -> None:
+    settings = load_settings({})
+    assert settings.input_topic == "clear.queries"
+    assert settings.result_topic == "clear.results"
+    assert settings.dlq_topic == "clear.dlq"
+    assert settings.window_topic == "clear.windows"
+    # DESIGN.md's measured note: one 256-token probe beats two parallel probes.
+    assert (settings.probe_samples, settings.probe_tokens) == (1, 256)
+    assert settings.log_level == "INFO"
+    assert settings.kafka_security_protocol == "PLAINTEXT"
+
+
+def test_environment_values_are_parsed() -> None:
+    settings = load_settings(
+        {
+            "CLEAR_KAFKA_BOOTSTRAP": "k1:9092, k2:9093",
+            "CLEAR_VLLM_ENDPOINTS": "http://vllm-0.vllm:8000/, https://gpu.example/v1",
+            "CLEAR_TOKENS_PER_SECOND": "1500.5",
+            "CLEAR_WINDOW_SECONDS": "0.5",
+            "CLEAR_WINDOW_MAX_QUERIES": "64",
+            "CLEAR_PROBE_SAMPLES": "0",
+            "CLEAR_HTTP_PORT": "9100",
+            "CLEAR_LOG_LEVEL": "debug",
+            "CLEAR_WINDOW_TOPIC": "",
+            "CLEAR_CARRY_OVER_WINDOWS": "0.5",
+        }
+    )
+    assert settings.bootstrap_servers == ["k1:9092", "k2:9093"]
+    assert settings.vllm_endpoints == ("http://vllm-0.vllm:8000", "https://gpu.example/v1")
+    assert settings.tokens_per_second == 1500.5
+    assert settings.window_budget_tokens == pytest.approx(750.25)
+    assert settings.carry_over_cap_tokens == pytest.approx(375.125)
+    assert settings.window_max_queries == 64
+    assert settings.probe_samples == 0
+    assert settings.http_port == 9100
+    assert settings.log_level == "DEBUG"
+    assert settings.window_topic is None  # empty disables window reports
+
+
+def test_process_environment_overrides_env_file(
+    clean_environ: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_environ / ".env").write_text(
+        "CLEAR_TOKENS_PER_SECOND=123\nCLEAR_MODEL=from-file\nCLEAR_VLLM_ENDPOINTS=http://a:1,http://b:2\n"
+    )
+    monkeypatch.setenv("CLEAR_MODEL", "from-env")
+    settings = load_settings()
+    assert settings.tokens_per_second == 123
+    assert settings.model == "from-env"
+    assert settings.vllm_endpoints == ("http://a:1", "http://b:2")
+
+
+def test_explicit_env_file_path(clean_environ: Path) -> None:
+    env_file = clean_environ / "daemon.env"
+    env_file.write_text("CLEAR_WINDOW_SECONDS=7\n")
+    assert load_settings(env_file=env_file).window_seconds == 7
+    assert load_settings(env_file=None).window_seconds == Settings().window_seconds
+
+
+def test_env_file_errors_name_the_variable(clean_environ: Path) -> None:
+    (clean_environ / ".env").write_text("CLEAR_HTTP_PORT=70000\n")
+    with pytest.raises(SettingsError, match=r"CLEAR_HTTP_PORT: .*65535.*'70000'"):
+        load_settings()
+
+
+def test_unknown_variable_in_env_file_is_reported(clean_environ: Path) -> None:
+    (clean_environ / ".env").write_text("CLEAR_TOKEN_PER_SECOND=5\n")
+    with pytest.raises(SettingsError, match="CLEAR_TOKEN_PER_SECOND: unknown setting"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("CLEAR_TOKENS_PER_SECOND", "-5", r"greater than 0 \(got '-5'\)"),
+        ("CLEAR_TOKENS_PER_SECOND", "lots", r"valid number"),
+        ("CLEAR_WINDOW_SECONDS", "0", r"greater than 0"),
+        ("CLEAR_WINDOW_MAX_QUERIES", "0", r"greater than 0"),
+        ("CLEAR_PROBE_SAMPLES", "-1", r"greater than or equal to 0"),
+        ("CLEAR_PROBE_TOKENS", "0", r"greater than 0"),
+        ("CLEAR_MAX_TOKENS_PER_QUERY", "-3", r"greater than 0"),
+        ("CLEAR_MAX_PROMPT_BYTES", "0", r"greater than 0"),
+        ("CLEAR_ENDPOINT_CONCURRENCY", "0", r"greater than 0"),
+        ("CLEAR_REQUEST_TIMEOUT_SECONDS", "0", r"greater than 0"),
+        ("CLEAR_REQUEST_RETRIES", "-1", r"greater than or equal to 0"),
+        ("CLEAR_SHUTDOWN_DEADLINE_SECONDS", "-1", r"greater than 0"),
+        ("CLEAR_CARRY_OVER_WINDOWS", "-0.5", r"greater than or equal to 0"),
+        ("CLEAR_HTTP_PORT", "0", r"greater than or equal to 1"),
+        ("CLEAR_LOG_LEVEL", "verbose", r"'DEBUG', 'INFO'"),
+        ("CLEAR_KAFKA_SECURITY_PROTOCOL", "TLS", r"'SASL_SSL'"),
+        ("CLEAR_KAFKA_SASL_MECHANISM", "GSSAPI", r"'SCRAM-SHA-512'"),
+        ("CLEAR_KAFKA_BOOTSTRAP", "broker", r"'broker' is not host:port"),
+        ("CLEAR_KAFKA_BOOTSTRAP", " , ", r"at least one"),
+        ("CLEAR_INPUT_TOPIC", "bad topic!", r"not a Kafka topic name"),
+        ("CLEAR_WINDOW_TOPIC", "a/b", r"not a Kafka topic name"),
+        ("CLEAR_VLLM_ENDPOINTS", "", r"at least one base URL"),
+        ("CLEAR_VLLM_ENDPOINTS", "http://a:8000,vllm:8000", r"'vllm:8000' is not an http"),
+        ("CLEAR_VLLM_ENDPOINTS", "ftp://files", r"'ftp://files' is not an http"),
+        ("CLEAR_VLLM_ENDPOINTS", "http://a:1/?x=1", r"no query or fragment"),
+        ("CLEAR_VLLM_ENDPOINTS", "http://a:1,http://a:1/", r"same URL twice"),
+        ("CLEAR_KAFKA_SSL_CAFILE", "/nonexistent/ca.pem", r"does not point to a file"),
+        ("CLEAR_MODEL", "", r"at least 1 character"),
+    ],
+)
+def test_each_invalid_value_names_its_variable(variable: str, value: str, expected: str) -> None:
+    message = problems_of({variable: value})
+    assert f"{variable}: " in message
+    assert re.search(expected, message), message
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"CLEAR_TOKENS_PER_SECOND": "0", "CLEAR_HTTP_PORT": "-1"})
+    variables = {problem.split(":")[0] for problem in caught.value.problems}
+    assert variables == {"CLEAR_TOKENS_PER_SECOND", "CLEAR_HTTP_PORT"}
+
+
+def test_sasl_needs_username_and_password() -> None:
+    message = problems_of(
+        {"CLEAR_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "CLEAR_KAFKA_SASL_USERNAME": "clear"}
+    )
+    assert "CLEAR_KAFKA_SASL_USERNAME and CLEAR_KAFKA_SASL_PASSWORD are required" in message
+
+
+def test_sasl_credentials_without_sasl_protocol_are_rejected() -> None:
+    message = problems_of({"CLEAR_KAFKA_SASL_USERNAME": "u", "CLEAR_KAFKA_SASL_PASSWORD": "p"})
+    assert "CLEAR_KAFKA_SECURITY_PROTOCOL is PLAINTEXT" in message
+
+
+def test_tls_files_need_a_tls_protocol_and_come_in_pairs(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not checked here")
+    message = problems_of({"CLEAR_KAFKA_SSL_CAFILE": str(pem)})
+    assert "CLEAR_KAFKA_SECURITY_PROTOCOL is PLAINTEXT" in message
+    message = problems_of(
+        {"CLEAR_KAFKA_SECURITY_PROTOCOL": "SSL", "CLEAR_KAFKA_SSL_CERTFILE": str(pem)}
+    )
+    assert "CLEAR_KAFKA_SSL_CERTFILE and CLEAR_KAFKA_SSL_KEYFILE must be set together" in message
+
+
+def test_valid_sasl_ssl_configuration(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = load_settings(
+        {
+            "CLEAR_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+            "CLEAR_KAFKA_SASL_MECHANISM": "scram-sha-512",
+            "CLEAR_KAFKA_SASL_USERNAME": "clear",
+            "CLEAR_KAFKA_SASL_PASSWORD": "hunter2",
+            "CLEAR_KAFKA_SSL_CAFILE": str(ca),
+        }
+    )
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.kafka_sasl_password is not None
+    assert settings.kafka_sasl_password.get_secret_value() == "hunter2"
+    assert settings.kafka_ssl_cafile == ca
+
+
+def test_topics_must_differ() -> None:
+    message = problems_of({"CLEAR_DLQ_TOPIC": "clear.results"})
+    assert "CLEAR_DLQ_TOPIC and CLEAR_RESULT_TOPIC are both 'clear.results'" in message
+
+
+def test_probe_must_fit_in_query_cap() -> None:
+    message = problems_of({"CLEAR_PROBE_TOKENS": "512", "CLEAR_MAX_TOKENS_PER_QUERY": "256"})
+    assert "CLEAR_PROBE_TOKENS (512) exceeds CLEAR_MAX_TOKENS_PER_QUERY (256)" in message
+    # With probing off the probe length does not matter.
+    env = {"CLEAR_PROBE_SAMPLES": "0", "CLEAR_PROBE_TOKENS": "512"}
+    assert load_settings({**env, "CLEAR_MAX_TOKENS_PER_QUERY": "256"}).probe_samples == 0
+
+
+def test_secrets_are_hidden_in_repr() -> None:
+    settings = load_settings(
+        {
+            "CLEAR_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "CLEAR_KAFKA_SASL_USERNAME": "clear",
+            "CLEAR_KAFKA_SASL_PASSWORD": "hunter2-secret",
+            "CLEAR_VLLM_API_KEY": "sk-very-secret",
+        }
+    )
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert "hunter2-secret" not in text
+        assert "sk-very-secret" not in text
+    assert settings.vllm_api_key is not None
+    assert settings.vllm_api_key.get_secret_value() == "sk-very-secret"
+    assert sorted(SECRET_FIELDS) == ["kafka_sasl_password", "vllm_api_key"]
+
+
+def test_unknown_clear_variable_is_reported() -> None:
+    assert "CLEAR_TOKEN_PER_SECOND: unknown setting" in problems_of({"CLEAR_TOKEN_PER_SECOND": "1"})
+
+
+def test_env_var_names_cover_every_field() -> None:
+    names = env_var_names()
+    assert len(names) == len(Settings.model_fields)
+    assert {"CLEAR_TOKENS_PER_SECOND", "CLEAR_SHUTDOWN_DEADLINE_SECONDS"} <= names
+    assert env_var("vllm_endpoints") == "CLEAR_VLLM_ENDPOINTS"
+
+
+def test_settings_are_immutable() -> None:
+    settings = load_settings({})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.http_port = 1  # type: ignore[misc]
