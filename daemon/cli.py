@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from daemon.cmd_schema import schema
+from daemon.cmd_simulate import simulate_backend
+
 app = typer.Typer(
     name="clearbudget",
     help=(
@@ -18,6 +21,10 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """clearbudget: token-budget allocation for reasoning LLM queries."""
+
+
+app.command("simulate-backend")(simulate_backend)
+app.command("schema")(schema)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,70 @@
+"""`clearbudget simulate-backend`: serve recorded rollouts as an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from daemon.rollouts import RolloutError, load_rollouts
+from daemon.simulator import DEFAULT_MODEL_NAME, SimulatedBackend, start_simulator
+
+DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
+
+
+def simulate_backend(
+    rollouts: Annotated[
+        Path,
+        typer.Option(help="Rollout pool (rollouts.jsonl); relative paths from the current dir."),
+    ] = DEFAULT_ROLLOUTS,
+    port: Annotated[int, typer.Option(help="TCP port to listen on (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    seed: Annotated[int, typer.Option(help="Seed for chain draws of unseeded requests.")] = 0,
+    model_name: Annotated[
+        str, typer.Option("--model-name", help="Model name reported by the API.")
+    ] = DEFAULT_MODEL_NAME,
+) -> None:
+    """Serve an OpenAI-compatible completions API from recorded rollouts.
+
+    Chains finish or are cut at max_tokens (a cut chain has no answer).
+    Usage counts are reported; a prompt ending in a sample's text continues that chain.
+    Point CLEAR_VLLM_ENDPOINTS at it like at a vLLM pod.
+    """
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be between 0 and 65535, got {port}")
+    try:
+        pool = load_rollouts(rollouts)
+    except RolloutError as exc:
+        hint = " (pass --rollouts FILE)" if rollouts == DEFAULT_ROLLOUTS else ""
+        _fail(f"cannot load --rollouts: {exc}{hint}")
+    backend = SimulatedBackend(pool, seed=seed)
+    try:
+        asyncio.run(_serve(backend, host=host, port=port, model_name=model_name))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+async def _serve(backend: SimulatedBackend, *, host: str, port: int, model_name: str) -> None:
+    server = await start_simulator(backend, host=host, port=port, model_name=model_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # platforms without signal handlers
+            loop.add_signal_handler(sig, stop.set)
+    typer.echo(
+        f"simulated backend: {len(backend.pool)} records from {backend.pool.source}, "
+        f"listening on {server.url} (POST /v1/completions, GET /v1/models, GET /health)"
+    )
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
