@@ -27,8 +27,6 @@ from daemon.rollouts import (
     uniform_point,
 )
 
-SHARED_ROLLOUTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rollouts.jsonl"
-
 
 def make_record(problem: str, samples: list[tuple[int, bool]], model: str = "m") -> RolloutRecord:
     return RolloutRecord(
@@ -54,10 +52,8 @@ def tiny_pool() -> RolloutPool:
 
 
 @pytest.fixture(scope="module")
-def shared_pool() -> RolloutPool:
-    if not SHARED_ROLLOUTS.is_file():
-        pytest.skip("shared rollouts not available")
-    return load_rollouts(SHARED_ROLLOUTS)
+def shared_pool(shared_data: Path) -> RolloutPool:
+    return load_rollouts(shared_data / "rollouts.jsonl")
 
 
 # ------------------------------------------------------------------ loading
