@@ -45,13 +45,17 @@ def _require_valid_unicode(value: str) -> str:
 
 
 def _timestamp_from_number(value: float) -> datetime:
-    if not math.isfinite(value):
+    # Ints are compared exactly below; math.isfinite would overflow on a huge one.
+    if isinstance(value, float) and not math.isfinite(value):
         raise PydanticCustomError("timestamp", "must be a finite number of epoch seconds")
     if not 0 <= value <= MAX_EPOCH_SECONDS:
         raise PydanticCustomError(
             "timestamp", "epoch seconds must be between 0 and {max}", {"max": MAX_EPOCH_SECONDS}
         )
-    return datetime.fromtimestamp(value, tz=UTC)
+    try:
+        return datetime.fromtimestamp(value, tz=UTC)
+    except (OverflowError, ValueError, OSError):  # rounds past year 9999
+        raise PydanticCustomError("timestamp", "is out of the representable range") from None
 
 
 def _timestamp_from_string(value: str) -> datetime:
@@ -65,7 +69,10 @@ def _timestamp_from_string(value: str) -> datetime:
         ) from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise PydanticCustomError("timestamp", "must include a UTC offset (e.g. Z or +01:00)")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. year 1 with a positive offset falls before year 1 in UTC
+        raise PydanticCustomError("timestamp", "is out of the representable range") from None
 
 
 def _parse_timestamp(value: Any) -> datetime:
