@@ -1,0 +1,62 @@
+"""Per-partition commit bookkeeping for at-least-once delivery.
+
+An offset is *done* once its query's result (or DLQ record) is published. The committable
+position of a partition is the lowest offset not yet done: everything below it is safe to
+skip after a restart, everything at or above it is re-read (duplicates only for in-flight work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class PartitionKey(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclass
+class _PartitionState:
+    in_flight: set[int] = field(default_factory=set)
+    highest_seen: int = -1
+    committed: int | None = None
+
+
+@dataclass
+class OffsetTracker:
+    _partitions: dict[PartitionKey, _PartitionState] = field(default_factory=dict)
+
+    def consumed(self, key: PartitionKey, offset: int) -> None:
+        # The first offset read is where the group's committed position already stands.
+        state = self._partitions.setdefault(key, _PartitionState(committed=offset))
+        state.in_flight.add(offset)
+        state.highest_seen = max(state.highest_seen, offset)
+
+    def done(self, key: PartitionKey, offset: int) -> None:
+        state = self._partitions.get(key)
+        if state is not None:
+            state.in_flight.discard(offset)
+
+    def in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self._partitions.values())
+
+    def committable(self) -> dict[PartitionKey, int]:
+        """Positions to commit now (next offset to read), only where they moved forward."""
+        positions: dict[PartitionKey, int] = {}
+        for key, state in self._partitions.items():
+            position = min(state.in_flight) if state.in_flight else state.highest_seen + 1
+            if state.committed is None or position > state.committed:
+                positions[key] = position
+        return positions
+
+    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+        for key, position in positions.items():
+            if key in self._partitions:
+                self._partitions[key].committed = position
+
+    def forget(self, keys: Iterable[PartitionKey]) -> None:
+        """Drop revoked partitions: another replica now owns their uncommitted tail."""
+        for key in keys:
+            self._partitions.pop(key, None)

@@ -1,0 +1,115 @@
+"""Window assembly, commit bookkeeping and the budget ledger, on a virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.budget import BudgetLedger
+from daemon.offsets import OffsetTracker, PartitionKey
+from daemon.windowing import WindowAssembler
+
+
+def test_window_closes_by_time_and_spans_from_previous_close() -> None:
+    assembler: WindowAssembler[str] = WindowAssembler(seconds=2.0, max_items=100, started_at=10.0)
+    assert assembler.add("a", 10.5) == []
+    assert assembler.add("b", 11.9) == []
+    (window,) = assembler.add("c", 12.1)  # time is up: a and b close, c opens the next
+    assert window.items == ("a", "b")
+    assert (window.opened_at, window.closed_at, window.duration) == (10.0, 12.1, pytest.approx(2.1))
+    assert assembler.due(13.0) == []
+    (second,) = assembler.due(14.2)
+    assert second.items == ("c",)
+    assert second.opened_at == 12.1
+    assert second.window_id != window.window_id
+
+
+def test_window_closes_at_max_items() -> None:
+    assembler: WindowAssembler[int] = WindowAssembler(seconds=60.0, max_items=3, started_at=0.0)
+    closed = [w for i in range(7) for w in assembler.add(i, 0.1 * i)]
+    assert [w.items for w in closed] == [(0, 1, 2), (3, 4, 5)]
+    last = assembler.flush(1.0)
+    assert last is not None and last.items == (6,)
+    assert assembler.flush(2.0) is None
+
+
+def test_empty_windows_are_skipped_and_idle_time_carries() -> None:
+    assembler: WindowAssembler[str] = WindowAssembler(seconds=1.0, max_items=10, started_at=0.0)
+    assert assembler.due(5.0) == []
+    assert assembler.add("late", 5.5) == []
+    (window,) = assembler.due(6.5)
+    assert window.items == ("late",)
+    assert (window.opened_at, window.closed_at) == (4.5, 6.5)  # at most 1 s earned up front
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=3.0), min_size=1, max_size=60),
+    seconds=st.floats(min_value=0.1, max_value=5.0),
+    max_items=st.integers(min_value=1, max_value=8),
+)
+def test_every_item_lands_in_exactly_one_window_in_order(
+    gaps: list[float], seconds: float, max_items: int
+) -> None:
+    assembler: WindowAssembler[int] = WindowAssembler(seconds, max_items, started_at=0.0)
+    now, windows = 0.0, []
+    for i, gap in enumerate(gaps):
+        now += gap
+        windows += assembler.add(i, now)
+    tail = assembler.flush(now)
+    windows += [tail] if tail else []
+    assert [i for w in windows for i in w.items] == list(range(len(gaps)))
+    assert all(1 <= len(w.items) <= max_items for w in windows)
+    assert all(w.closed_at >= w.opened_at for w in windows)
+
+
+def test_commit_position_is_lowest_unfinished_offset() -> None:
+    tracker = OffsetTracker()
+    p0, p1 = PartitionKey("q", 0), PartitionKey("q", 1)
+    for offset in range(5):
+        tracker.consumed(p0, offset)
+    tracker.consumed(p1, 7)  # the group had committed up to 7 already
+    assert tracker.committable() == {}  # offset 0 of p0 and 7 of p1 still in flight
+    for offset in (1, 2, 4):
+        tracker.done(p0, offset)
+    assert tracker.committable() == {}
+    tracker.done(p0, 0)
+    assert tracker.committable() == {p0: 3}
+    tracker.mark_committed({p0: 3})
+    assert tracker.committable() == {}
+    tracker.done(p0, 3)
+    tracker.done(p1, 7)
+    assert tracker.committable() == {p0: 5, p1: 8}
+    assert tracker.in_flight() == 0
+    tracker.forget([p1])
+    assert tracker.committable() == {p0: 5}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.permutations(list(range(12))), st.integers(min_value=0, max_value=12))
+def test_never_commits_past_an_unfinished_offset(order: list[int], finished: int) -> None:
+    tracker, key = OffsetTracker(), PartitionKey("q", 0)
+    for offset in range(12):
+        tracker.consumed(key, offset)
+    done = set(order[:finished])
+    for offset in done:
+        tracker.done(key, offset)
+    position = tracker.committable().get(key, 0)
+    assert all(o in done for o in range(position))
+    assert position == 12 or position not in done
+
+
+def test_budget_earns_at_share_of_rate_and_caps_carry_over() -> None:
+    ledger = BudgetLedger(tokens_per_second=1000.0, carry_over_cap_tokens=1500.0, share=0.5)
+    budget = ledger.window_budget(2.0)
+    assert budget == 1000.0
+    assert ledger.settle(budget, spent=400.0) == 600.0
+    assert ledger.window_budget(2.0) == 1600.0
+    assert ledger.settle(1600.0, spent=0.0) == 750.0  # cap scales with the share
+    ledger.set_share(1.0)
+    assert ledger.window_budget(1.0) == 1750.0
+    with pytest.raises(ValueError, match="share"):
+        ledger.set_share(1.5)
+    with pytest.raises(ValueError, match="tokens_per_second"):
+        BudgetLedger(tokens_per_second=0.0, carry_over_cap_tokens=0.0)
