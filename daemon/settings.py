@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -283,11 +283,19 @@ def env_var_names() -> frozenset[str]:
     return frozenset(env_var(name) for name in Settings.model_fields)
 
 
-SECRET_FIELDS = frozenset(
-    name
-    for name, field in Settings.model_fields.items()
-    if field.annotation in (SecretStr, SecretStr | None)
-)
+def _mentions(annotation: object, target: type) -> bool:
+    return annotation is target or any(_mentions(arg, target) for arg in get_args(annotation))
+
+
+def _fields_of_type(target: type) -> frozenset[str]:
+    return frozenset(
+        name for name, field in Settings.model_fields.items() if _mentions(field.annotation, target)
+    )
+
+
+# Fields whose values must never be printed, and fields that name files inside the container.
+SECRET_FIELDS = _fields_of_type(SecretStr)
+FILE_FIELDS = _fields_of_type(Path)
 
 
 def load_settings(

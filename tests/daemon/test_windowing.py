@@ -30,7 +30,8 @@ def test_window_closes_at_max_items() -> None:
     closed = [w for i in range(7) for w in assembler.add(i, 0.1 * i)]
     assert [w.items for w in closed] == [(0, 1, 2), (3, 4, 5)]
     last = assembler.flush(1.0)
-    assert last is not None and last.items == (6,)
+    assert last is not None
+    assert last.items == (6,)
     assert assembler.flush(2.0) is None
 
 
