@@ -122,6 +122,11 @@ class RolloutPool:
         if not records:
             raise RolloutError(source, None, None, "no records")
         width = len(records[0].samples)
+        for r in records:
+            if len(r.samples) != width or width == 0:
+                raise RolloutError(
+                    source, None, "samples", f"record {r.key!r}: every record needs {width} samples"
+                )
         self.records: tuple[RolloutRecord, ...] = tuple(records)
         self.source = source
         self.tokens: NDArray[np.int64] = np.array(

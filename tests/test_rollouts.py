@@ -126,6 +126,11 @@ def test_ragged_sample_counts_are_rejected(tmp_path: Path) -> None:
     assert (info.value.line, info.value.field) == (2, "samples")
 
 
+def test_in_memory_pool_rejects_ragged_records() -> None:
+    with pytest.raises(RolloutError, match="m/b"):
+        RolloutPool([make_record("a", [(1, True)] * 2), make_record("b", [(1, True)])])
+
+
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="not found"):
         load_rollouts(tmp_path / "absent.jsonl")
