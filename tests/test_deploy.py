@@ -224,7 +224,7 @@ def test_every_rendered_object_validates_against_kubernetes_schemas(
     rendered: dict[str, list[Manifest]], overlay: str
 ) -> None:
     kubernetes_validate = _import_kubernetes_validate()
-    skipped = []
+    skipped, invalid = [], []
     for manifest in rendered[overlay]:
         key = (manifest["apiVersion"], manifest["kind"])
         if key in CUSTOM_RESOURCES:
@@ -235,7 +235,10 @@ def test_every_rendered_object_validates_against_kubernetes_schemas(
             kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             name = manifest["metadata"]["name"]
-            pytest.fail(f"{overlay}: {key[1]}/{name} is invalid at {list(exc.path)}: {exc.message}")
+            invalid.append(f"{key[1]}/{name} at {list(exc.path)}: {exc.message}")
+    assert not invalid, f"{overlay} objects invalid for Kubernetes {KUBERNETES_VERSION}:\n" + (
+        "\n".join(invalid)
+    )
     # Only the CRDs named above were skipped, and the list names no kind that is not rendered.
     assert set(skipped) == CUSTOM_RESOURCES
 
@@ -452,3 +455,14 @@ def test_manifests_name_only_known_settings(
                 found.update(re.findall(r"\bCLEAR_[A-Z0-9_]+", node))
     assert found, "the manifests name no CLEAR_* variable at all"
     assert found <= env_var_names(), f"unknown settings: {sorted(found - env_var_names())}"
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_missing_tool_fails_in_ci_and_skips_locally(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="no-such-tool-here"):
+        _tool("no-such-tool-here", "nowhere")
