@@ -1,0 +1,91 @@
+"""`solve_window`: one window's allocation, shadow price and abandonment (the public entry point)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from solver.closed_form import closed_form_prices
+from solver.curves import Curves, allocation_at, build_curves, relaxed_value, weighted_value
+from solver.cvx import CvxpyAllocator, Relaxation, SolverFailure
+from solver.problem import AllocationResult, FloatArray, WindowProblem
+from solver.rounding import drop_chord_queries, enforce_budgets, fill_chords
+
+Method = Literal["auto", "closed_form", "cvxpy"]
+CLOSED_FORM = "closed_form"
+_module_logger = logging.getLogger(__name__)
+
+
+def solve_window(
+    problem: WindowProblem,
+    *,
+    method: Method = "auto",
+    allocator: CvxpyAllocator | None = None,
+    logger: logging.Logger | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> AllocationResult:
+    """Allocate one window's budget.
+
+    method "auto" uses the closed form when the budget is the only coupling row and cvxpy when
+    tag budgets add rows; "cvxpy" forces cvxpy (pass a long-lived `allocator` to reuse compiled
+    problems). A cvxpy failure or inaccurate status falls back to the closed form, logged and
+    counted in `AllocationResult.fallbacks`.
+    """
+    start = clock()
+    curves = build_curves(problem)
+    tag_budgets = problem.tag_budget_array
+    wants_cvxpy = method == "cvxpy" or (method == "auto" and tag_budgets.size > 0)
+    relaxation, solver_name, failure = None, CLOSED_FORM, None
+    if wants_cvxpy:
+        allocator = allocator or CvxpyAllocator()
+        try:
+            relaxation = allocator.relax(curves, problem.budget, tag_budgets)
+            solver_name = allocator.name
+        except SolverFailure as exc:
+            failure = str(exc)
+            (logger or _module_logger).warning(
+                "solver fallback to closed form: %s (window of %d queries)", failure, problem.size
+            )
+    if relaxation is None:
+        relaxation = relax_closed_form(curves, problem.budget, tag_budgets)
+    final = round_relaxation(curves, relaxation, problem.budget, tag_budgets)
+    return AllocationResult(
+        ids=problem.ids,
+        allocations=final,
+        abandoned=final <= 0.0,
+        shadow_price=relaxation.shadow_price,
+        objective=weighted_value(problem, final),
+        relaxed_objective=relaxed_value(problem, curves, relaxation.relaxed.allocations),
+        tag_prices=dict(zip(problem.tag_names, map(float, relaxation.tag_prices), strict=True)),
+        solver=solver_name,
+        solve_ms=(clock() - start) * 1e3,
+        fallbacks=int(failure is not None),
+        fallback_reason=failure,
+    )
+
+
+def relax_closed_form(curves: Curves, budget: float, tag_budgets: FloatArray) -> Relaxation:
+    """The envelope optimum by bisection: rule at the upper price, ties filled at the margin."""
+    prices = closed_form_prices(curves, budget, tag_budgets)
+    high = prices.per_query(curves.tag_index, high=True)
+    low = prices.per_query(curves.tag_index, high=False)
+    base = allocation_at(curves, high)
+    rate = curves.return_rate
+    candidates = np.flatnonzero((rate >= low) & (rate < high) & (rate > 0.0))
+    relaxed = fill_chords(curves, base, candidates, budget, tag_budgets)
+    return Relaxation(relaxed, prices.shadow_high, prices.tag_premiums())
+
+
+def round_relaxation(
+    curves: Curves, relaxation: Relaxation, budget: float, tag_budgets: FloatArray
+) -> FloatArray:
+    """Abandon chord queries; re-price the freed tokens over the funded queries; guard budgets."""
+    b = drop_chord_queries(relaxation.relaxed)
+    if relaxation.relaxed.inside_chord.any():
+        funded = curves.subset(b > 0.0)
+        b = drop_chord_queries(relax_closed_form(funded, budget, tag_budgets).relaxed)
+    return enforce_budgets(curves, b, budget, tag_budgets)
