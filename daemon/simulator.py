@@ -21,7 +21,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,12 @@ class SimulatedBackend:
         self._prompt_calls: dict[bytes, int] = {}
 
     async def complete(
-        self, prompt: str, *, n: int, max_tokens: int, seed: int | None = None
+        self, prompt: str | Sequence[int], *, n: int, max_tokens: int, seed: int | None = None
     ) -> Completion:
+        """The `CompletionBackend` port. Text prompts only: the simulator returns no token ids,
+        so callers continue chains by text (prompt + sample text)."""
+        if not isinstance(prompt, str):
+            raise SimulationRequestError("prompt", "token-id prompts are not supported; send text")
         return self.generate(prompt, n=n, max_tokens=max_tokens, seed=seed)
 
     def generate(

@@ -205,6 +205,12 @@ async def test_invalid_in_process_requests(
     assert info.value.field == field
 
 
+async def test_token_id_prompts_are_refused(backend: SimulatedBackend) -> None:
+    with pytest.raises(SimulationRequestError, match="token-id") as info:
+        await backend.complete([1, 2, 3], n=1, max_tokens=5)
+    assert info.value.field == "prompt"
+
+
 @pytest.mark.parametrize(
     "marker",
     [
