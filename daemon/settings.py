@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: FilePath | None = None
     kafka_ssl_certfile: FilePath | None = None
     kafka_ssl_keyfile: FilePath | None = None
+    kafka_idempotent_producer: bool = Field(
+        default=True, description="Idempotent result producer; turn off for brokers without it."
+    )
 
     # --- vLLM backends ---------------------------------------------------------------------
     vllm_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(

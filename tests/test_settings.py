@@ -45,6 +45,7 @@ def test_defaults_follow_design() -> None:
     assert (settings.probe_samples, settings.probe_tokens) == (1, 256)
     assert settings.log_level == "INFO"
     assert settings.kafka_security_protocol == "PLAINTEXT"
+    assert settings.kafka_idempotent_producer is True
 
 
 def test_environment_values_are_parsed() -> None:
@@ -60,8 +61,10 @@ def test_environment_values_are_parsed() -> None:
             "CLEAR_LOG_LEVEL": "debug",
             "CLEAR_WINDOW_TOPIC": "",
             "CLEAR_CARRY_OVER_WINDOWS": "0.5",
+            "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
         }
     )
+    assert settings.kafka_idempotent_producer is False
     assert settings.bootstrap_servers == ["k1:9092", "k2:9093"]
     assert settings.vllm_endpoints == ("http://vllm-0.vllm:8000", "https://gpu.example/v1")
     assert settings.tokens_per_second == 1500.5
@@ -137,6 +140,7 @@ def test_unknown_variable_in_env_file_is_reported(clean_environ: Path) -> None:
         ("CLEAR_VLLM_ENDPOINTS", "http://a:1,http://a:1/", r"same URL twice"),
         ("CLEAR_KAFKA_SSL_CAFILE", "/nonexistent/ca.pem", r"does not point to a file"),
         ("CLEAR_MODEL", "", r"at least 1 character"),
+        ("CLEAR_KAFKA_IDEMPOTENT_PRODUCER", "maybe", r"valid boolean"),
     ],
 )
 def test_each_invalid_value_names_its_variable(variable: str, value: str, expected: str) -> None:
