@@ -44,8 +44,11 @@ DEFAULT_MAX_DEAD_LETTER_VALUE_BYTES = 512 * 1024
 DEFAULT_PREVIEW_CHARS = 512
 MAX_ERRORS_LISTED = 5
 MAX_LOCATION_PART_CHARS = 64
+# No field takes an integer this long; refusing to convert it also avoids int()'s quadratic cost.
+MAX_INTEGER_DIGITS = 100
 
 _ID_RE = re.compile(ID_PATTERN)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-\[\]]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,17 @@ class Rejection:
     @property
     def error(self) -> str:
         return self.dead_letter.error
+
+
+class _OverlongInteger:
+    """Stands in for an over-long integer literal so that validation names its field."""
+
+    def __repr__(self) -> str:
+        return "<over-long integer>"
+
+
+def _parse_int(literal: str) -> int | _OverlongInteger:
+    return int(literal) if len(literal.lstrip("-")) <= MAX_INTEGER_DIGITS else _OverlongInteger()
 
 
 class _Invalid(Exception):
@@ -210,10 +224,13 @@ def _decode_json(value: bytes) -> tuple[Any, list[str]]:
         return obj
 
     try:
-        return json.loads(text, object_pairs_hook=object_without_duplicates), duplicate_keys
+        return (
+            json.loads(text, object_pairs_hook=object_without_duplicates, parse_int=_parse_int),
+            duplicate_keys,
+        )
     except RecursionError:
         raise _Invalid("message: JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and over-long integer literals
+    except ValueError as exc:  # JSONDecodeError
         raise _Invalid(f"message: not valid JSON ({exc})") from None
 
 
@@ -241,7 +258,7 @@ def _describe(error: ErrorDetails) -> str:
         "less_than": "<",
     }
     if kind in bounds:
-        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
+        return f"must be {bounds[kind]} {_number(next(iter(ctx.values())))}"
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "missing":
@@ -258,13 +275,21 @@ def _describe(error: ErrorDetails) -> str:
     return message[:1].lower() + message[1:]
 
 
+def _number(value: Any) -> str:
+    """1.0 -> '1': bounds read as the schema states them."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(_printable(str(part)) for part in loc) or "message"
 
 
 def _printable(text: str) -> str:
+    """Plain names as they are; anything else quoted and escaped, so the field stays legible."""
     text = _clip(text, MAX_LOCATION_PART_CHARS)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return text if _PLAIN_NAME.fullmatch(text) else json.dumps(text)
 
 
 def _clip(text: str, limit: int) -> str:
