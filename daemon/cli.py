@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from daemon.cmd_run import run
 from daemon.cmd_schema import schema
 from daemon.cmd_simulate import simulate_backend
 
@@ -23,6 +24,7 @@ def main() -> None:
     """clearbudget: token-budget allocation for reasoning LLM queries."""
 
 
+app.command("run")(run)
 app.command("simulate-backend")(simulate_backend)
 app.command("schema")(schema)
 

@@ -53,6 +53,10 @@ class WindowAssembler(Generic[Item]):
     def pending(self) -> int:
         return len(self._items)
 
+    @property
+    def pending_items(self) -> tuple[Item, ...]:
+        return tuple(self._items)
+
     def deadline(self) -> float:
         """When the open window closes by time."""
         return self._opened_at + self.seconds

@@ -1,0 +1,133 @@
+"""Builds the daemon from settings and runs it until stopped: the composition root."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from daemon.backend import CompletionBackend
+from daemon.budget import BudgetLedger
+from daemon.http_server import HealthChecks, start_http_server
+from daemon.intake import Intake, IntakeLimits
+from daemon.kafka_io import KafkaResultSink, make_consumer, make_producer
+from daemon.metrics import PipelineMetrics
+from daemon.pipeline import WindowPipeline
+from daemon.policies import ClearPolicy
+from daemon.service import Daemon
+from daemon.settings import Settings
+from daemon.vllm_pool import VllmPool
+from solver.fit import ProbePlan
+from solver.priors import PriorBook
+
+# A poll loop silent for this long means the consumer is stuck (max_poll_interval is 300 s).
+LIVENESS_STALL_S = 120.0
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr; prompts are never logged."""
+    logging.basicConfig(level=level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=True,
+    )
+
+
+def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
+    api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+    return VllmPool.create(
+        settings.vllm_endpoints,
+        model=settings.model,
+        registry=registry,
+        api_key=api_key,
+        max_concurrency_per_endpoint=settings.endpoint_concurrency,
+        request_timeout_s=settings.request_timeout_seconds,
+        max_attempts=settings.request_retries + 1,
+    )
+
+
+async def run_daemon(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    registry: CollectorRegistry | None = None,
+    backend: CompletionBackend | None = None,
+) -> Daemon:
+    """Run until `stop` is set; returns the daemon (its state) after a clean drain."""
+    registry = registry or CollectorRegistry()
+    metrics = PipelineMetrics.create(registry)
+    log = structlog.get_logger("clearbudget")
+    async with AsyncExitStack() as stack:
+        if backend is None:
+            pool = build_backend(settings, registry)
+            stack.push_async_callback(pool.aclose)
+            backend = pool
+        consumer = make_consumer(settings)
+        producer = make_producer(settings)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        policy = ClearPolicy(ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook())
+        pipeline = WindowPipeline(
+            backend, policy, metrics, max_tokens_per_query=settings.max_tokens_per_query
+        )
+        daemon = Daemon(
+            consumer=consumer,
+            sink=KafkaResultSink(producer, settings),
+            pipeline=pipeline,
+            ledger=BudgetLedger(settings.tokens_per_second, settings.carry_over_cap_tokens),
+            intake=Intake(IntakeLimits(max_prompt_bytes=settings.max_prompt_bytes)),
+            metrics=metrics,
+            input_topic=settings.input_topic,
+            window_seconds=settings.window_seconds,
+            window_max_queries=settings.window_max_queries,
+            shutdown_deadline_s=settings.shutdown_deadline_seconds,
+            logger=log,
+        )
+        checks = HealthChecks(
+            liveness=lambda: _liveness(daemon), readiness=lambda: _readiness(daemon, backend)
+        )
+        runner = await start_http_server(registry, checks, host="0.0.0.0", port=settings.http_port)
+        stack.push_async_callback(runner.cleanup)
+        log.info(
+            "started", input_topic=settings.input_topic, endpoints=len(settings.vllm_endpoints)
+        )
+        await daemon.run(stop)
+        log.info("stopped", windows=daemon.state.windows_done)
+    return daemon
+
+
+def _liveness(daemon: Daemon) -> str | None:
+    if daemon.state.fatal_error:
+        return daemon.state.fatal_error
+    if daemon.state.consuming and time.monotonic() - daemon.state.last_poll_at > LIVENESS_STALL_S:
+        return "the consume loop has not polled Kafka for two minutes"
+    return None
+
+
+def _readiness(daemon: Daemon, backend: CompletionBackend) -> str | None:
+    if not daemon.state.consuming:
+        return "not consuming"
+    ready = getattr(backend, "ready", None)
+    if callable(ready) and not ready():
+        return "no vLLM endpoint is available (all circuit breakers open)"
+    return None
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

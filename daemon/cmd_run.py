@@ -1,0 +1,33 @@
+"""`clearbudget run`: the daemon, configured only through CLEAR_* environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from daemon.settings import SettingsError, load_settings
+
+
+def run() -> None:
+    """Run the daemon: consume clear.queries, probe, price tokens, dispatch to vLLM, publish.
+
+    Configuration comes from CLEAR_* environment variables (or a .env file), e.g.
+    CLEAR_KAFKA_BOOTSTRAP, CLEAR_VLLM_ENDPOINTS, CLEAR_TOKENS_PER_SECOND, CLEAR_WINDOW_SECONDS.
+    Invalid settings exit with status 2 and name the variable. SIGTERM drains gracefully.
+    """
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    from daemon.app import configure_logging, install_signal_handlers, run_daemon
+
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await run_daemon(settings, stop)
+
+    asyncio.run(main())

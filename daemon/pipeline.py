@@ -1,0 +1,337 @@
+"""One window's work: expire → probe → decide (policy) → dispatch → results and report.
+
+Backend-agnostic (a vLLM pool or the rollout simulator) and clock-agnostic, so the Kafka daemon
+and trace replay run exactly this code and are charged for exactly the tokens generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from daemon.backend import BackendError, Completion, CompletionBackend, Sample
+from daemon.metrics import PipelineMetrics
+from daemon.offsets import PartitionKey
+from daemon.policies import AllocationPolicy, Decision, QueryView
+from daemon.windowing import Window
+from schemas.messages import QueryRequest, QueryResult, Status, StatusCounts, WindowReport
+from solver.answers import extract_answer
+from solver.fit import ProbeOutcome, ProbePlan
+
+SHUTDOWN_REASON = "daemon shut down before the query could finish"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingQuery:
+    """An admitted query waiting for (or inside) its window."""
+
+    request: QueryRequest
+    arrived_at: float
+    partition: PartitionKey | None = None
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """Results aligned with the window's items, and the window's report."""
+
+    results: list[QueryResult]
+    report: WindowReport
+
+
+@dataclass
+class _Query:
+    """One query's way through the window."""
+
+    request: QueryRequest
+    probe: Completion | None = None
+    probe_tokens: int = 0
+    dispatch_tokens: int = 0
+    allocated: int = 0
+    result: QueryResult | None = None
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class WindowPipeline:
+    def __init__(
+        self,
+        backend: CompletionBackend,
+        policy: AllocationPolicy,
+        metrics: PipelineMetrics,
+        *,
+        max_tokens_per_query: int,
+        seed: int | None = None,
+        wall_clock: Callable[[], datetime] = _utc_now,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self._backend = backend
+        self._policy = policy
+        self._metrics = metrics
+        self._max_tokens = max_tokens_per_query
+        self._seed = seed
+        self._wall_clock = wall_clock
+        self._log = logger or structlog.get_logger("clearbudget.pipeline")
+
+    async def run(self, window: Window[PendingQuery], budget: float) -> WindowOutcome:
+        started = self._wall_clock()
+        queries = [_Query(item.request) for item in window.items]
+        self._expire(queries, window.window_id)
+        live = [q for q in queries if q.result is None]
+        plan = self._policy.probe_plan(budget / max(len(live), 1))
+        if plan.samples > 0 and live:
+            await self._probe(live, plan, window.window_id)
+        live = [q for q in queries if q.result is None]
+        probe_spent = sum(q.probe_tokens for q in queries)
+        decision = self._policy.decide([self._view(q) for q in live], max(budget - probe_spent, 0))
+        self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
+        self._metrics.solver_fallbacks.inc(decision.fallbacks)
+        await self._dispatch(live, decision, window.window_id)
+        return self._report(queries, window, budget, decision, started)
+
+    def _cap(self, request: QueryRequest) -> int:
+        return min(request.max_tokens or self._max_tokens, self._max_tokens)
+
+    def _view(self, query: _Query) -> QueryView:
+        return QueryView(
+            request=query.request,
+            outcomes=_outcomes(query.probe),
+            probe_tokens=query.probe_tokens,
+            cap_left=max(self._cap(query.request) - query.probe_tokens, 0),
+        )
+
+    # --- steps ----------------------------------------------------------------------------
+    def _expire(self, queries: list[_Query], window_id: str) -> None:
+        now = self._wall_clock()
+        for query in queries:
+            deadline = query.request.deadline
+            if deadline is not None and deadline <= now:
+                query.result = _result(
+                    query,
+                    Status.EXPIRED,
+                    window_id,
+                    None,
+                    reason="deadline passed before the window ran",
+                )
+
+    async def _probe(self, live: list[_Query], plan: ProbePlan, window_id: str) -> None:
+        async def probe_one(query: _Query) -> None:
+            try:
+                query.probe = await self._backend.complete(
+                    query.request.prompt,
+                    n=plan.samples,
+                    max_tokens=min(plan.tokens, self._cap(query.request)),
+                    seed=self._seed,
+                )
+            except BackendError as exc:
+                query.result = _result(
+                    query, Status.FAILED, window_id, None, reason=f"probe failed: {exc}"
+                )
+                return
+            query.probe_tokens = query.probe.completion_tokens
+
+        await asyncio.gather(*(probe_one(q) for q in live))
+        self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
+
+    async def _dispatch(self, live: list[_Query], decision: Decision, window_id: str) -> None:
+        price = decision.shadow_price
+
+        async def dispatch_one(query: _Query, tokens: int, answer_now: str | None) -> None:
+            query.allocated = tokens
+            if answer_now is not None or tokens <= 0:
+                self._observe_probe_only(query)
+            if answer_now is not None:
+                query.result = _result(
+                    query, Status.ANSWERED, window_id, price, answer=answer_now,
+                    text=_first_finished(query.probe).text,
+                )  # fmt: skip
+            elif tokens <= 0:
+                query.result = _result(
+                    query, Status.ABANDONED, window_id, price,
+                    reason=f"insolvent: cannot return the shadow price {price:.4g} per token",
+                )  # fmt: skip
+            else:
+                await self._continue(query, tokens, window_id, price)
+
+        await asyncio.gather(
+            *(
+                dispatch_one(q, int(t), a)
+                for q, t, a in zip(live, decision.tokens, decision.answer_now, strict=True)
+            )
+        )
+        self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
+
+    async def _continue(self, query: _Query, tokens: int, window_id: str, price: float) -> None:
+        chain = _first_censored(query.probe)
+        try:
+            completion = await self._backend.complete(
+                _continuation_prompt(query.request.prompt, query.probe, chain),
+                n=1,
+                max_tokens=tokens,
+                seed=self._seed,
+            )
+        except BackendError as exc:
+            query.result = _result(
+                query, Status.FAILED, window_id, price, reason=f"dispatch failed: {exc}"
+            )
+            return
+        query.dispatch_tokens = completion.completion_tokens
+        sample = completion.samples[0]
+        chain_tokens = (chain.completion_tokens or 0 if chain else 0) + query.dispatch_tokens
+        text = (chain.text if chain else "") + sample.text
+        if sample.finish_reason != "stop":
+            self._observe(query, chain_tokens, finished=False, answer=None)
+            query.result = _result(
+                query, Status.ABANDONED, window_id, price,
+                reason=f"the chain did not finish within its {tokens} allocated tokens",
+            )  # fmt: skip
+            return
+        answer = extract_answer(text)
+        self._observe(query, chain_tokens, finished=True, answer=answer)
+        query.result = _result(query, Status.ANSWERED, window_id, price, answer=answer, text=text)
+
+    def _observe(self, query: _Query, tokens: int, *, finished: bool, answer: str | None) -> None:
+        self._policy.observe(query.request, tokens, finished=finished, answered=answer is not None)
+
+    def _observe_probe_only(self, query: _Query) -> None:
+        """Chains that never reach dispatch still teach the priors (finished or censored)."""
+        for outcome in _outcomes(query.probe):
+            self._observe(query, outcome.tokens, finished=outcome.finished, answer=outcome.answer)
+
+    # --- report ---------------------------------------------------------------------------
+    def _report(
+        self,
+        queries: list[_Query],
+        window: Window[PendingQuery],
+        budget: float,
+        decision: Decision,
+        started: datetime,
+    ) -> WindowOutcome:
+        results = [q.result for q in queries if q.result is not None]
+        assert len(results) == len(queries), "every query ends in exactly one status"
+        counts = dict.fromkeys(Status, 0)
+        for result in results:
+            counts[result.status] += 1
+        for status, count in counts.items():
+            self._metrics.queries.labels(status=status.value).inc(count)
+        spent = sum(r.tokens_used for r in results)
+        probe = sum(r.tokens_probe for r in results)
+        report = WindowReport(
+            window_id=window.window_id,
+            shadow_price=decision.shadow_price,
+            budget_tokens=budget,
+            spent_tokens=spent,
+            probe_tokens=probe,
+            counts=StatusCounts(**{s.value: n for s, n in counts.items()}),
+            solver=decision.solver,
+            solve_ms=decision.solve_ms,
+            started_at=started,
+            ended_at=max(self._wall_clock(), started),
+        )
+        self._metrics.windows.inc()
+        self._metrics.shadow_price.set(decision.shadow_price)
+        self._metrics.window_budget.set(budget)
+        self._metrics.window_spent.set(spent)
+        self._log.info(
+            "window",
+            window_id=window.window_id,
+            queries=len(queries),
+            shadow_price=report.shadow_price,
+            budget=round(budget),
+            spent=spent,
+            probe=probe,
+            solver=report.solver,
+            solve_ms=round(report.solve_ms, 2),
+            **{s.value: n for s, n in counts.items() if n},
+        )
+        return WindowOutcome(results, report)
+
+
+def shutdown_results(items: Sequence[PendingQuery]) -> list[QueryResult]:
+    """Results for queries a shutdown deadline cut off (their tokens are unknown: 0)."""
+    return [
+        QueryResult(
+            id=item.request.id,
+            status=Status.ABANDONED,
+            tokens_used=0,
+            tokens_probe=0,
+            allocated_tokens=0,
+            shadow_price=0.0,
+            window_id=None,
+            reason=SHUTDOWN_REASON,
+        )
+        for item in items
+    ]
+
+
+def _result(
+    query: _Query,
+    status: Status,
+    window_id: str,
+    price: float | None,
+    *,
+    answer: str | None = None,
+    text: str | None = None,
+    reason: str | None = None,
+) -> QueryResult:
+    return QueryResult(
+        id=query.request.id,
+        status=status,
+        answer=answer,
+        text=text,
+        tokens_used=query.probe_tokens + query.dispatch_tokens,
+        tokens_probe=query.probe_tokens,
+        allocated_tokens=query.allocated,
+        shadow_price=price if price is not None or status is not Status.ABANDONED else 0.0,
+        window_id=window_id,
+        reason=reason,
+    )
+
+
+def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:
+    if probe is None:
+        return ()
+    return tuple(
+        ProbeOutcome(
+            finished=s.finish_reason == "stop",
+            tokens=_sample_tokens(s, probe),
+            answer=extract_answer(s.text) if s.finish_reason == "stop" else None,
+        )
+        for s in probe.samples
+    )
+
+
+def _sample_tokens(sample: Sample, probe: Completion) -> int:
+    if sample.completion_tokens is not None:
+        return sample.completion_tokens
+    # Only the request total is known: split it evenly (exact for n = 1).
+    return probe.completion_tokens // max(len(probe.samples), 1)
+
+
+def _first_censored(probe: Completion | None) -> Sample | None:
+    if probe is None:
+        return None
+    return next((s for s in probe.samples if s.finish_reason == "length"), None)
+
+
+def _first_finished(probe: Completion | None) -> Sample:
+    assert probe is not None, "an early answer needs a finished probe"
+    return next(s for s in probe.samples if s.finish_reason == "stop")
+
+
+def _continuation_prompt(
+    prompt: str, probe: Completion | None, chain: Sample | None
+) -> str | list[int]:
+    """Continue the censored chain: by token ids when the backend gave them (no re-tokenising
+    drift), else by text; with no chain to continue, start fresh from the prompt."""
+    if chain is None or probe is None:
+        return prompt
+    if chain.token_ids is not None and probe.prompt_token_ids is not None:
+        return [*probe.prompt_token_ids, *chain.token_ids]
+    return prompt + chain.text

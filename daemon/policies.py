@@ -1,0 +1,151 @@
+"""Allocation policies: how a window's budget becomes per-query token caps.
+
+`ClearPolicy` is the product (probe → fit → shadow price → abandon the insolvent). `UniformPolicy`
+and `OraclePolicy` are the baselines replay compares it with; all three run through the same
+pipeline, so every policy is charged for exactly the tokens the backend generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from schemas.messages import QueryRequest
+from solver.allocate import solve_window
+from solver.fit import ProbeOutcome, ProbePlan, fit_window
+from solver.priors import PriorBook
+from solver.problem import WindowProblem
+
+NO_PROBE = ProbePlan(samples=0, tokens=0)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryView:
+    """What a policy sees of one live query after probing."""
+
+    request: QueryRequest
+    outcomes: tuple[ProbeOutcome, ...]
+    probe_tokens: int
+    cap_left: int  # tokens the query may still generate (its cap minus probe tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Continuation budget per live query (0 abandons it), early answers and the price."""
+
+    tokens: NDArray[np.int64]
+    answer_now: tuple[str | None, ...]
+    shadow_price: float
+    solver: str
+    solve_ms: float = 0.0
+    fallbacks: int = 0
+
+
+class AllocationPolicy(Protocol):
+    name: str
+
+    def probe_plan(self, budget_per_query: float) -> ProbePlan: ...
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision: ...
+
+    def observe(
+        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+    ) -> None:
+        """Learn from one chain's final state (reported once, after its last request)."""
+
+
+class ClearPolicy:
+    """CLEAR: fit each query's curve from its probe, price tokens, fund the solvent."""
+
+    name = "clear"
+
+    def __init__(self, plan: ProbePlan, priors: PriorBook) -> None:
+        self._plan = plan
+        self._priors = priors
+
+    def probe_plan(self, budget_per_query: float) -> ProbePlan:
+        return self._plan
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+        if not queries:
+            return Decision(np.zeros(0, np.int64), (), 0.0, "none")
+        fitted = fit_window(
+            [q.outcomes for q in queries],
+            [q.request.tags for q in queries],
+            [q.request.difficulty_hint for q in queries],
+            self._plan,
+            self._priors,
+        )
+        answer_now = tuple(fitted.answer_now)
+        todo = np.array([a is None for a in answer_now], dtype=bool)
+        tokens = np.zeros(len(queries), np.int64)
+        if not todo.any():
+            return Decision(tokens, answer_now, 0.0, "none")
+        index = np.flatnonzero(todo)
+        problem = WindowProblem.create(
+            [queries[i].request.id for i in index],
+            fitted.a[index],
+            fitted.tau[index],
+            fitted.beta[index],
+            budget,
+            weight=[queries[i].request.weight for i in index],
+            cap=[queries[i].cap_left for i in index],
+        )
+        result = solve_window(problem)
+        tokens[index] = result.token_allocations()
+        return Decision(
+            tokens, answer_now, result.shadow_price, result.solver, result.solve_ms,
+            result.fallbacks,
+        )  # fmt: skip
+
+    def observe(
+        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+    ) -> None:
+        self._priors.observe(request.tags, chain_tokens, finished=finished, answered=answered)
+
+
+class UniformPolicy:
+    """One cap for every query; with no fixed cap, the window budget split evenly."""
+
+    name = "uniform"
+
+    def __init__(self, cap: int | None = None) -> None:
+        self._cap = cap
+
+    def probe_plan(self, budget_per_query: float) -> ProbePlan:
+        return NO_PROBE
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+        cap = self._cap if self._cap is not None else int(budget // max(len(queries), 1))
+        tokens = np.array([min(cap, q.cap_left) for q in queries], np.int64)
+        return Decision(tokens, (None,) * len(queries), 0.0, "uniform")
+
+    def observe(
+        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+    ) -> None:
+        pass
+
+
+class OraclePolicy:
+    """Per-query caps chosen knowing the recorded samples (replay only: a ceiling, not a method)."""
+
+    name = "oracle"
+
+    def __init__(self, caps_by_id: Mapping[str, int]) -> None:
+        self._caps = caps_by_id
+
+    def probe_plan(self, budget_per_query: float) -> ProbePlan:
+        return NO_PROBE
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+        tokens = np.array([min(self._caps.get(q.request.id, 0), q.cap_left) for q in queries])
+        return Decision(tokens.astype(np.int64), (None,) * len(queries), 0.0, "oracle")
+
+    def observe(
+        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+    ) -> None:
+        pass

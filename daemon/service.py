@@ -1,0 +1,282 @@
+"""The daemon's main loop: consume → admit → window → pipeline → publish → commit.
+
+The consume loop never waits on dispatch: closed windows go to a bounded queue, windows run
+as concurrent tasks, and when the queue is full the loop pauses its partitions but keeps
+calling `getmany` (heartbeats, rebalances) well inside `max_poll_interval_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from daemon.budget import BudgetLedger
+from daemon.intake import Intake, Rejection
+from daemon.kafka_io import ResultSink
+from daemon.metrics import PipelineMetrics
+from daemon.offsets import OffsetTracker, PartitionKey
+from daemon.pipeline import PendingQuery, WindowPipeline, shutdown_results
+from daemon.windowing import Window, WindowAssembler
+from schemas.messages import QueryResult
+
+POLL_TIMEOUT_MS = 100
+COMMIT_INTERVAL_S = 0.5
+MAX_RECORDS_PER_POLL = 2000
+
+
+@dataclass
+class DaemonState:
+    """What /readyz and /healthz report."""
+
+    consuming: bool = False
+    assigned_partitions: int = 0
+    last_poll_at: float = 0.0
+    fatal_error: str | None = None
+    windows_done: int = 0
+
+
+@dataclass
+class _Running:
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    items: dict[str, tuple[PendingQuery, ...]] = field(default_factory=dict)
+
+
+class Daemon:
+    """Wires the Kafka consumer, intake, windows, pipeline, sink and commit bookkeeping."""
+
+    def __init__(
+        self,
+        *,
+        consumer: AIOKafkaConsumer,
+        sink: ResultSink,
+        pipeline: WindowPipeline,
+        ledger: BudgetLedger,
+        intake: Intake,
+        metrics: PipelineMetrics,
+        input_topic: str,
+        window_seconds: float,
+        window_max_queries: int,
+        max_windows_in_flight: int = 4,
+        shutdown_deadline_s: float = 25.0,
+        clock: Callable[[], float] = time.monotonic,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self._consumer = consumer
+        self._sink = sink
+        self._pipeline = pipeline
+        self._ledger = ledger
+        self._intake = intake
+        self._metrics = metrics
+        self._topic = input_topic
+        self._clock = clock
+        self._log = logger or structlog.get_logger("clearbudget")
+        self._assembler: WindowAssembler[PendingQuery] = WindowAssembler(
+            window_seconds, window_max_queries, started_at=clock()
+        )
+        self._seen_ids: set[str] = set()
+        self._offsets = OffsetTracker()
+        self._windows: asyncio.Queue[Window[PendingQuery]] = asyncio.Queue(max_windows_in_flight)
+        self._slots = asyncio.Semaphore(max_windows_in_flight)
+        self._running = _Running()
+        self._shutdown_deadline_s = shutdown_deadline_s
+        self._last_commit = 0.0
+        self._paused = False
+        self.state = DaemonState()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain within the shutdown deadline and commit."""
+        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        dispatcher = asyncio.create_task(self._dispatch_windows(), name="window-dispatcher")
+        self.state.consuming = True
+        try:
+            while not stop.is_set():
+                await self._poll_once()
+        finally:
+            self.state.consuming = False
+            await self._drain(dispatcher)
+
+    async def _poll_once(self) -> None:
+        self._apply_backpressure()
+        batch = await self._consumer.getmany(
+            timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL
+        )
+        self.state.last_poll_at = self._clock()
+        rejections: list[Rejection] = []
+        for tp, records in batch.items():
+            for record in records:
+                rejection = self._admit(tp, record)
+                if rejection is not None:
+                    rejections.append(rejection)
+        if rejections:
+            await self._publish_rejections(rejections)
+        self._enqueue(self._assembler.due(self._clock()))
+        self._metrics.queue_depth.set(self._assembler.pending)
+        self._metrics.in_flight.set(self._offsets.in_flight())
+        await self._maybe_commit()
+
+    def _apply_backpressure(self) -> None:
+        full = self._windows.full()
+        partitions = self._consumer.assignment()
+        if full and not self._paused and partitions:
+            self._consumer.pause(*partitions)
+            self._paused = True
+        elif not full and self._paused:
+            self._consumer.resume(*partitions)
+            self._paused = False
+
+    # --- intake ---------------------------------------------------------------------------
+    def _admit(self, tp: TopicPartition, record: ConsumerRecord) -> Rejection | None:
+        key = PartitionKey(tp.topic, tp.partition)
+        self._offsets.consumed(key, record.offset)
+        admitted = self._intake.admit(
+            record.value,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=record.offset,
+            seen_ids=self._seen_ids,
+        )
+        if isinstance(admitted, Rejection):
+            return admitted
+        pending = PendingQuery(admitted, self._clock(), key, record.offset)
+        self._enqueue(self._assembler.add(pending, pending.arrived_at))
+        return None
+
+    def _enqueue(self, closed: list[Window[PendingQuery]]) -> None:
+        if not closed:
+            return
+        # Ids must be unique within a window: the open window starts a fresh set.
+        self._seen_ids = {p.request.id for p in self._assembler.pending_items}
+        for window in closed:
+            if self._windows.full():
+                # Filled inside one batch: run it now rather than block the poll loop; the
+                # next poll pauses the partitions.
+                self._start_window(window)
+            else:
+                self._windows.put_nowait(window)
+
+    async def _publish_rejections(self, rejections: list[Rejection]) -> None:
+        await self._sink.publish_dead_letters([r.dead_letter for r in rejections])
+        results = [r.result for r in rejections if r.result is not None]
+        if results:
+            await self._sink.publish_results(results)
+        self._metrics.dead_letters.inc(len(rejections))
+        self._metrics.queries.labels(status="rejected").inc(len(rejections))
+        for rejection in rejections:
+            letter = rejection.dead_letter
+            self._offsets.done(PartitionKey(letter.topic, letter.partition), letter.offset)
+
+    # --- windows --------------------------------------------------------------------------
+    async def _dispatch_windows(self) -> None:
+        while True:
+            window = await self._windows.get()
+            await self._slots.acquire()
+            self._start_window(window, holds_slot=True)
+
+    def _start_window(self, window: Window[PendingQuery], *, holds_slot: bool = False) -> None:
+        task = asyncio.create_task(self._run_window(window, holds_slot), name=window.window_id)
+        self._running.tasks.add(task)
+        self._running.items[window.window_id] = window.items
+        task.add_done_callback(self._running.tasks.discard)
+
+    async def _run_window(self, window: Window[PendingQuery], holds_slot: bool) -> None:
+        started = self._clock()
+        try:
+            budget = self._ledger.window_budget(window.duration)
+            outcome = await self._pipeline.run(window, budget)
+            await self._sink.publish_results(outcome.results)
+            await self._sink.publish_window(outcome.report)
+            self._ledger.settle(budget, outcome.report.spent_tokens)
+            self._finish(window.items)
+            self.state.windows_done += 1
+            self._metrics.window_seconds.observe(self._clock() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a window must never take the daemon down
+            self._log.exception("window_failed", window_id=window.window_id, error=str(exc))
+            self.state.fatal_error = f"window {window.window_id}: {exc}"
+        finally:
+            self._running.items.pop(window.window_id, None)
+            if holds_slot:
+                self._slots.release()
+
+    def _finish(self, items: Sequence[PendingQuery]) -> None:
+        for item in items:
+            self._offsets.done(item.partition, item.offset)
+
+    # --- commits and rebalance -----------------------------------------------------------
+    async def _maybe_commit(self, *, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        await self.commit()
+
+    async def commit(self) -> None:
+        positions = self._offsets.committable()
+        assigned = self._consumer.assignment()
+        positions = {k: v for k, v in positions.items() if TopicPartition(*k) in assigned}
+        if not positions:
+            return
+        await self._consumer.commit({TopicPartition(*k): v for k, v in positions.items()})
+        self._offsets.mark_committed(positions)
+
+    def on_assignment(self, assigned: set[TopicPartition]) -> None:
+        total = len(self._consumer.partitions_for_topic(self._topic) or ()) or len(assigned) or 1
+        mine = sum(1 for tp in assigned if tp.topic == self._topic)
+        self._ledger.set_share(mine / total)
+        self._metrics.budget_share.set(mine / total)
+        self.state.assigned_partitions = mine
+        self._log.info("partitions_assigned", assigned=mine, total=total, share=mine / total)
+
+    async def on_revoke(self, revoked: set[TopicPartition]) -> None:
+        with contextlib.suppress(Exception):
+            await self.commit()
+        self._offsets.forget(PartitionKey(tp.topic, tp.partition) for tp in revoked)
+
+    # --- shutdown -------------------------------------------------------------------------
+    async def _drain(self, dispatcher: asyncio.Task[None]) -> None:
+        """Finish open work within the deadline; abandon what is left; publish; commit."""
+        last = self._assembler.flush(self._clock())
+        while not self._windows.empty():
+            self._start_window(self._windows.get_nowait())
+        if last is not None:
+            self._start_window(last)
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
+        pending = set(self._running.tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._shutdown_deadline_s)
+            await self._abandon_late(late)
+        with contextlib.suppress(Exception):
+            await self.commit()
+
+    async def _abandon_late(self, late: set[asyncio.Task[None]]) -> None:
+        leftovers = [item for task in late for item in self._running.items.get(task.get_name(), ())]
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if leftovers:
+            results: list[QueryResult] = shutdown_results(leftovers)
+            await self._sink.publish_results(results)
+            self._finish(leftovers)
+            self._metrics.queries.labels(status="abandoned").inc(len(results))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._daemon.on_revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._daemon.on_assignment(assigned)
