@@ -18,7 +18,7 @@ from daemon.intake import Intake, IntakeLimits
 from daemon.kafka_io import KafkaResultSink, make_consumer, make_producer
 from daemon.metrics import PipelineMetrics
 from daemon.pipeline import WindowPipeline
-from daemon.policies import ClearPolicy
+from daemon.policies import AllocationPolicy, ClearPolicy
 from daemon.service import Daemon
 from daemon.settings import Settings
 from daemon.vllm_pool import VllmPool
@@ -64,6 +64,8 @@ async def run_daemon(
     *,
     registry: CollectorRegistry | None = None,
     backend: CompletionBackend | None = None,
+    policy: AllocationPolicy | None = None,
+    http_host: str = "0.0.0.0",
 ) -> Daemon:
     """Run until `stop` is set; returns the daemon (its state) after a clean drain."""
     registry = registry or CollectorRegistry()
@@ -80,7 +82,9 @@ async def run_daemon(
         stack.push_async_callback(producer.stop)
         await consumer.start()
         stack.push_async_callback(consumer.stop)
-        policy = ClearPolicy(ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook())
+        policy = policy or ClearPolicy(
+            ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook()
+        )
         pipeline = WindowPipeline(
             backend, policy, metrics, max_tokens_per_query=settings.max_tokens_per_query
         )
@@ -100,7 +104,7 @@ async def run_daemon(
         checks = HealthChecks(
             liveness=lambda: _liveness(daemon), readiness=lambda: _readiness(daemon, backend)
         )
-        runner = await start_http_server(registry, checks, host="0.0.0.0", port=settings.http_port)
+        runner = await start_http_server(registry, checks, host=http_host, port=settings.http_port)
         stack.push_async_callback(runner.cleanup)
         log.info(
             "started", input_topic=settings.input_topic, endpoints=len(settings.vllm_endpoints)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from daemon.cmd_replay import demo_command, replay_command, sweep_command
 from daemon.cmd_run import run
 from daemon.cmd_schema import schema
 from daemon.cmd_simulate import simulate_backend
@@ -25,6 +26,9 @@ def main() -> None:
 
 
 app.command("run")(run)
+app.command("replay")(replay_command)
+app.command("sweep")(sweep_command)
+app.command("demo")(demo_command)
 app.command("simulate-backend")(simulate_backend)
 app.command("schema")(schema)
 

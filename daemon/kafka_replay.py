@@ -1,0 +1,146 @@
+"""Replay through the real daemon path: produce the trace into Kafka at recorded pace, run the
+daemon (consumer, windows, pipeline, HTTP backend pool), and read the results topic back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from prometheus_client import CollectorRegistry
+
+from daemon.app import run_daemon
+from daemon.replay import ReplayConfig, ReplayQuery, make_policy, score
+from daemon.rollouts import RolloutPool
+from daemon.settings import Settings
+from schemas.messages import QueryResult
+
+RESULT_WAIT_S = 120.0
+
+
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another replica made them
+                await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def replay_via_kafka(
+    queries: Sequence[ReplayQuery],
+    pool: RolloutPool,
+    config: ReplayConfig,
+    settings: Settings,
+    *,
+    speedup: float = 1.0,
+    on_result: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Produce `queries` at recorded pace / `speedup` into the input topic, run the daemon with
+    `config`'s policy against `settings.vllm_endpoints`, and score the results topic."""
+    started = time.perf_counter()
+    topics = [settings.input_topic, settings.result_topic, settings.dlq_topic]
+    await ensure_topics(settings.kafka_bootstrap, topics)
+    stop = asyncio.Event()
+    registry = CollectorRegistry()
+    policy = make_policy(config, pool, queries)
+    daemon_task = asyncio.create_task(
+        run_daemon(settings, stop, registry=registry, policy=policy, http_host="127.0.0.1")
+    )
+    reader = AIOKafkaConsumer(
+        settings.result_topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        # The budget accrues in wall-clock time: start the trace once the daemon holds partitions.
+        await _wait_for_assignment(registry, daemon_task)
+        await _produce_at_pace(queries, settings, speedup)
+        results = await _collect(reader, {q.request.id for q in queries}, daemon_task, on_result)
+    finally:
+        stop.set()
+        await reader.stop()
+        await daemon_task
+    report = score(config, pool, queries, results, started)
+    report["budget_tokens"] = settings.tokens_per_second * max(
+        (queries[-1].arrival - queries[0].arrival) / speedup if queries else 0.0,
+        settings.window_seconds,
+    )
+    report["windows"] = int(_sample(registry, "clear_windows_total"))
+    return report
+
+
+async def _produce_at_pace(
+    queries: Sequence[ReplayQuery], settings: Settings, speedup: float
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        t0, first = time.monotonic(), queries[0].arrival if queries else 0.0
+        for query in queries:
+            delay = (query.arrival - first) / speedup - (time.monotonic() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await producer.send(
+                settings.input_topic,
+                query.request.model_dump_json().encode(),
+                key=query.request.id.encode(),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _collect(
+    reader: AIOKafkaConsumer,
+    expected: set[str],
+    daemon_task: asyncio.Task[Any],
+    on_result: Callable[[int], None] | None,
+) -> dict[str, QueryResult]:
+    results: dict[str, QueryResult] = {}
+    deadline = time.monotonic() + RESULT_WAIT_S
+    while expected - results.keys():
+        if daemon_task.done():
+            daemon_task.result()  # surface the daemon's error
+            raise RuntimeError("the daemon stopped before every result arrived")
+        if time.monotonic() > deadline:
+            missing = len(expected - results.keys())
+            raise TimeoutError(f"{missing} results did not arrive within {RESULT_WAIT_S:.0f} s")
+        batch = await reader.getmany(timeout_ms=200)
+        for records in batch.values():
+            for record in records:
+                result = QueryResult.model_validate_json(record.value)
+                if result.id in expected and result.id not in results:
+                    results[result.id] = result
+                    if on_result:
+                        on_result(1)
+    return results
+
+
+async def _wait_for_assignment(
+    registry: CollectorRegistry, daemon_task: asyncio.Task[Any], limit_s: float = 60.0
+) -> None:
+    deadline = time.monotonic() + limit_s
+    while _sample(registry, "clear_budget_share") <= 0:
+        if daemon_task.done():
+            daemon_task.result()
+            raise RuntimeError("the daemon stopped before joining its consumer group")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the daemon got no partitions within {limit_s:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+def _sample(registry: CollectorRegistry, name: str) -> float:
+    value = registry.get_sample_value(name)
+    return float(value or 0.0)
