@@ -154,7 +154,7 @@ def fit_window(
     finished, lengths = _outcome_matrix(outcomes, plan)
     a, tau, beta = priors.priors(tags, survived=plan.tokens if plan.enabled else 0)
     if plan.enabled:
-        a0, tau0, beta0 = priors.priors(tags, survived=0)
+        _, tau0, beta0 = priors.priors(tags, survived=0)
         beta = beta * _rate_multiplier(finished, lengths, tau0, beta0, plan, s.query_strength)
     beta = beta * _hint_factor(hints, n, s.hint_slope)
     answer_now, fallback, agreement = _answers(outcomes, s.agree_votes)
