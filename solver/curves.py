@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from solver.problem import NO_TAG, FloatArray, WindowProblem
-from solver.utility import envelope, envelope_value, value
+from solver.utility import envelope, value
 
 
 TAIL_HORIZON = 40.0
@@ -94,9 +94,11 @@ def weighted_value(problem: WindowProblem, b: FloatArray) -> float:
 
 
 def relaxed_value(problem: WindowProblem, curves: Curves, b: FloatArray) -> float:
-    """Σ v·Ũ(b): the envelope objective (chord value inside the knee)."""
-    env_val = envelope_value(b, problem.a, problem.tau, problem.beta, curves.cap)
-    return float(np.sum(problem.weight * np.where(curves.return_rate > 0, env_val, 0.0)))
+    """Σ v·Ũ(b): the envelope objective (chord value v·s per token up to the knee)."""
+    on_chord = b <= curves.knee
+    chord = curves.return_rate * b
+    true_value = problem.weight * value(b, problem.a, problem.tau, problem.beta)
+    return float(np.sum(np.where(on_chord, chord, true_value)))
 
 
 def group_sums(curves: Curves, b: FloatArray, n_groups: int) -> FloatArray:

@@ -12,6 +12,7 @@ by tangent cuts, an LP that HiGHS solves to a vertex (its λ is off by the cut s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,50 +62,84 @@ def tag_bucket(n_tags: int) -> int:
     return 0 if n_tags == 0 else 1 << (n_tags - 1).bit_length()
 
 
-class _Compiled:
-    """One parametrised problem for a (size, tags) bucket."""
+@dataclass(frozen=True, slots=True)
+class _Data:
+    """Scaled window data: tokens in units of the budget, values in units of the window's total."""
 
-    def __init__(self, size: int, n_tags: int, formulation: Formulation, cuts: FloatArray) -> None:
-        nonneg = {"nonneg": True}
-        self.rate = cp.Parameter(size, **nonneg)
-        self.tail = cp.Parameter(size, **nonneg)
-        self.knee = cp.Parameter(size, **nonneg)
-        self.tail_max = cp.Parameter(size, **nonneg)
-        self.token_per_t = cp.Parameter(size, **nonneg)
-        y = cp.Variable(size, nonneg=True)
-        t = cp.Variable(size, nonneg=True)
-        self.y, self.t = y, t
-        tail_value, cut_rows = self._tail_value(formulation, t, cuts, size)
-        self.budget_row = cp.sum(y) + self.token_per_t @ t <= 1.0
-        constraints = [y <= self.knee, t <= self.tail_max, self.budget_row, *cut_rows]
+    rate: FloatArray
+    tail: FloatArray
+    knee: FloatArray
+    tail_max: FloatArray
+    token_per_t: FloatArray
+    member: FloatArray  # (tags, size) 0/1
+    tag_budget: FloatArray
+
+
+class _Model:
+    """The relaxation over either cp.Parameters (DPP, reusable) or constants (built per window)."""
+
+    def __init__(
+        self, data: _Data | None, size: int, n_tags: int, formulation: Formulation, cuts: FloatArray
+    ) -> None:
+        self.params: dict[str, cp.Parameter] = {}
+        rate, tail, knee, tail_max, token_per_t = (
+            self._input(data, name, (size,))
+            for name in ("rate", "tail", "knee", "tail_max", "token_per_t")
+        )
+        self.y = cp.Variable(size, nonneg=True)
+        self.t = cp.Variable(size, nonneg=True)
+        tail_value, cut_rows = _tail_value(formulation, tail, self.t, cuts, size)
+        self.budget_row = cp.sum(self.y) + token_per_t @ self.t <= 1.0
+        constraints = [self.y <= knee, self.t <= tail_max, self.budget_row, *cut_rows]
         self.tag_rows: cp.Constraint | None = None
         if n_tags:
-            self.member = cp.Parameter((n_tags, size), **nonneg)
-            self.member_token = cp.Parameter((n_tags, size), **nonneg)
-            self.tag_budget = cp.Parameter(n_tags, **nonneg)
-            self.tag_rows = self.member @ y + self.member_token @ t <= self.tag_budget
+            member = self._input(data, "member", (n_tags, size))
+            member_token = self._input(data, "member_token", (n_tags, size))
+            tag_budget = self._input(data, "tag_budget", (n_tags,))
+            self.tag_rows = member @ self.y + member_token @ self.t <= tag_budget
             constraints.append(self.tag_rows)
-        self.problem = cp.Problem(cp.Maximize(self.rate @ y + tail_value), constraints)
-        assert self.problem.is_dcp(dpp=True)
+        self.problem = cp.Problem(cp.Maximize(rate @ self.y + tail_value), constraints)
 
-    def _tail_value(
-        self, formulation: Formulation, t: cp.Variable, cuts: FloatArray, size: int
-    ) -> tuple[cp.Expression, list[cp.Constraint]]:
-        if formulation == "exp":
-            # tail·(1 − e^(−t)); the constant Σ tail is added back when reading the value.
-            return -(self.tail @ cp.exp(-t)), []
-        hypo = cp.Variable(size)
-        rows = [
-            hypo <= cp.multiply(self.tail, (1.0 - np.exp(-c) - c * np.exp(-c)) + np.exp(-c) * t)
-            for c in cuts
-        ]
-        return cp.sum(hypo), rows
+    def _input(self, data: _Data | None, name: str, shape: tuple[int, ...]) -> cp.Expression:
+        if data is not None:
+            return cp.Constant(_data_field(data, name))
+        self.params[name] = cp.Parameter(shape, nonneg=True)
+        return self.params[name]
+
+    def load(self, data: _Data) -> None:
+        for name, param in self.params.items():
+            param.value = _data_field(data, name)
+
+
+def _data_field(data: _Data, name: str) -> FloatArray:
+    if name == "member_token":
+        return data.member * data.token_per_t
+    return getattr(data, name)
+
+
+def _tail_value(
+    formulation: Formulation, tail: cp.Expression, t: cp.Variable, cuts: FloatArray, size: int
+) -> tuple[cp.Expression, list[cp.Constraint]]:
+    if formulation == "exp":
+        # tail·(1 − e^(−t)) less its constant Σ tail, which does not move the optimum.
+        return -(tail @ cp.exp(-t)), []
+    hypo = cp.Variable(size)
+    slopes = np.exp(-cuts)
+    rows = [
+        hypo <= cp.multiply(tail, (1.0 - slope - cut * slope) + slope * t)
+        for cut, slope in zip(cuts, slopes, strict=True)
+    ]
+    return cp.sum(hypo), rows
 
 
 class CvxpyAllocator:
-    """Solves the envelope relaxation with cvxpy; keeps compiled problems per size bucket.
+    """Solves the envelope relaxation with cvxpy; keeps DPP-compiled problems per size bucket.
 
-    Create one per process (the daemon holds it) so the compile cost is paid once per bucket.
+    Create one per process (the daemon holds it) so each bucket's compile is paid once. Windows
+    above `dpp_max_size` are built from constants instead: cvxpy 1.9 restructures exponential
+    cones through an index array of (variables × parameters) entries, quadratic in the window,
+    so a DPP problem of 10,000 queries needs gigabytes to compile while a vectorised rebuild
+    takes ~25 ms (see benchmarks/RESULTS.md).
     """
 
     def __init__(
@@ -113,6 +148,7 @@ class CvxpyAllocator:
         *,
         formulation: Formulation | None = None,
         tangent_cuts: int = 32,
+        dpp_max_size: int = 1536,
     ) -> None:
         self.solver = solver.upper()
         if self.solver not in _SOLVER_OPTIONS:
@@ -120,8 +156,9 @@ class CvxpyAllocator:
         self.formulation: Formulation = formulation or (
             "tangent" if self.solver == "HIGHS" else "exp"
         )
+        self.dpp_max_size = dpp_max_size
         self._cuts = np.concatenate([[0.0], np.geomspace(0.02, TAIL_HORIZON, tangent_cuts - 1)])
-        self._compiled: dict[tuple[int, int], _Compiled] = {}
+        self._compiled: dict[tuple[int, int], _Model] = {}
 
     @property
     def name(self) -> str:
@@ -133,63 +170,74 @@ class CvxpyAllocator:
 
     def relax(self, curves: Curves, budget: float, tag_budgets: FloatArray) -> Relaxation:
         """Relaxed optimum, λ (budget-row dual) and tag prices; raises SolverFailure."""
-        key = (size_bucket(curves.size), tag_bucket(tag_budgets.size))
+        size, n_tags = size_bucket(curves.size), tag_bucket(tag_budgets.size)
+        if size > self.dpp_max_size:
+            size, n_tags = curves.size, tag_budgets.size  # built per window: no padding needed
+        data, value_scale = _scaled_data(curves, budget, tag_budgets, size, n_tags)
+        model = self._model(data, size, n_tags)
+        self._solve(model)
+        return _read(model, curves, budget, tag_budgets, value_scale)
+
+    def _model(self, data: _Data, size: int, n_tags: int) -> _Model:
+        if size > self.dpp_max_size:
+            return _Model(data, size, n_tags, self.formulation, self._cuts)
+        key = (size, n_tags)
         if key not in self._compiled:
-            self._compiled[key] = _Compiled(*key, self.formulation, self._cuts)
-        compiled = self._compiled[key]
-        value_scale = self._load(compiled, curves, budget, tag_budgets)
-        self._solve(compiled)
-        return self._read(compiled, curves, budget, tag_budgets, value_scale)
+            self._compiled[key] = _Model(None, size, n_tags, self.formulation, self._cuts)
+        model = self._compiled[key]
+        model.load(data)
+        return model
 
-    def _load(
-        self, compiled: _Compiled, curves: Curves, budget: float, tag_budgets: FloatArray
-    ) -> float:
-        size = compiled.rate.size
-        value_scale = 1.0 / max(float(np.sum(curves.tail_scale + curves.return_rate * curves.knee)), 1e-300)
-        tokens = max(budget, 1e-300)
-        compiled.rate.value = _pad(curves.return_rate * tokens * value_scale, size)
-        compiled.tail.value = _pad(curves.tail_scale * value_scale, size)
-        compiled.knee.value = _pad(curves.knee / tokens, size)
-        compiled.tail_max.value = _pad(curves.beta * np.maximum(curves.cap - curves.knee, 0.0), size)
-        compiled.token_per_t.value = _pad(1.0 / (curves.beta * tokens), size)
-        if compiled.tag_rows is not None:
-            member = np.zeros((compiled.tag_budget.size, size))
-            tagged = np.flatnonzero(curves.tag_index >= 0)
-            member[curves.tag_index[tagged], tagged] = 1.0
-            compiled.member.value = member
-            compiled.member_token.value = member * compiled.token_per_t.value
-            compiled.tag_budget.value = _pad(tag_budgets / tokens, compiled.tag_budget.size)
-        return value_scale
-
-    def _solve(self, compiled: _Compiled) -> None:
+    def _solve(self, model: _Model) -> None:
         try:
-            compiled.problem.solve(solver=self.solver, **_SOLVER_OPTIONS[self.solver])
+            with warnings.catch_warnings():
+                # cvxpy warns on inaccurate solutions; the status check below handles them.
+                warnings.simplefilter("ignore", UserWarning)
+                model.problem.solve(solver=self.solver, **_SOLVER_OPTIONS[self.solver])
         except (cp.SolverError, ArithmeticError, ValueError) as exc:
             raise SolverFailure(f"{self.solver} raised: {exc}") from exc
-        if compiled.problem.status not in _OK:
-            raise SolverFailure(f"{self.solver} finished with status {compiled.problem.status!r}")
+        if model.problem.status not in _OK:
+            raise SolverFailure(f"{self.solver} finished with status {model.problem.status!r}")
 
-    def _read(
-        self,
-        compiled: _Compiled,
-        curves: Curves,
-        budget: float,
-        tag_budgets: FloatArray,
-        value_scale: float,
-    ) -> Relaxation:
-        n = curves.size
-        tokens = max(budget, 1e-300)
-        y = np.asarray(compiled.y.value)[:n] * tokens
-        tail_tokens = np.asarray(compiled.t.value)[:n] / curves.beta
-        b = np.clip(y, 0.0, None) + np.clip(tail_tokens, 0.0, None)
-        per_value = 1.0 / (value_scale * tokens)
-        shadow = max(float(compiled.budget_row.dual_value), 0.0) * per_value
-        tag_prices = np.zeros(tag_budgets.size)
-        if compiled.tag_rows is not None:
-            duals = np.asarray(compiled.tag_rows.dual_value)[: tag_budgets.size]
-            tag_prices = np.maximum(duals, 0.0) * per_value
-        relaxed = _vertex_from_interior(curves, b, budget, tag_budgets)
-        return Relaxation(relaxed=relaxed, shadow_price=shadow, tag_prices=tag_prices)
+
+def _scaled_data(
+    curves: Curves, budget: float, tag_budgets: FloatArray, size: int, n_tags: int
+) -> tuple[_Data, float]:
+    total = float(np.sum(curves.tail_scale + curves.return_rate * curves.knee))
+    value_scale = 1.0 / max(total, 1e-300)
+    tokens = max(budget, 1e-300)
+    token_per_t = _pad(1.0 / (curves.beta * tokens), size)
+    member = np.zeros((n_tags, size))
+    tagged = np.flatnonzero(curves.tag_index >= 0)
+    member[curves.tag_index[tagged], tagged] = 1.0
+    data = _Data(
+        rate=_pad(curves.return_rate * tokens * value_scale, size),
+        tail=_pad(curves.tail_scale * value_scale, size),
+        knee=_pad(curves.knee / tokens, size),
+        tail_max=_pad(curves.beta * np.maximum(curves.cap - curves.knee, 0.0), size),
+        token_per_t=token_per_t,
+        member=member,
+        tag_budget=_pad(tag_budgets / tokens, n_tags),
+    )
+    return data, value_scale
+
+
+def _read(
+    model: _Model, curves: Curves, budget: float, tag_budgets: FloatArray, value_scale: float
+) -> Relaxation:
+    n = curves.size
+    tokens = max(budget, 1e-300)
+    y = np.asarray(model.y.value)[:n] * tokens
+    tail_tokens = np.asarray(model.t.value)[:n] / curves.beta
+    b = np.clip(y, 0.0, None) + np.clip(tail_tokens, 0.0, None)
+    per_value = 1.0 / (value_scale * tokens)
+    shadow = max(float(model.budget_row.dual_value), 0.0) * per_value
+    tag_prices = np.zeros(tag_budgets.size)
+    if model.tag_rows is not None:
+        duals = np.asarray(model.tag_rows.dual_value)[: tag_budgets.size]
+        tag_prices = np.maximum(duals, 0.0) * per_value
+    relaxed = _vertex_from_interior(curves, b, budget, tag_budgets)
+    return Relaxation(relaxed=relaxed, shadow_price=shadow, tag_prices=tag_prices)
 
 
 def _vertex_from_interior(
