@@ -1,0 +1,146 @@
+"""The window pipeline on the recorded-rollout simulator: statuses, token accounting, policies."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemon.backend import BackendError, Completion, CompletionBackend
+from daemon.metrics import PipelineMetrics
+from daemon.pipeline import PendingQuery, WindowPipeline
+from daemon.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from daemon.simulator import SimulatedBackend, grade, prompt_for
+from daemon.windowing import Window
+from schemas.messages import QueryRequest, Status
+from solver.fit import ProbePlan
+from solver.priors import PriorBook
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def record(pid: str, chains: list[tuple[int, bool]]) -> RolloutRecord:
+    samples = tuple(RolloutSample(tokens=t, correct=c, answer="7" if c else "3") for t, c in chains)
+    return RolloutRecord(
+        model="m", benchmark="b", problem_id=pid, prompt_tokens=10, gold="7", samples=samples
+    )
+
+
+# Every chain of a record has the same length, so outcomes do not depend on which is drawn.
+POOL = RolloutPool(
+    [
+        record("easy", [(100, True)] * 4),
+        record("mid", [(600, True)] * 4),
+        record("hard", [(5000, True)] * 4),
+        record("wrong", [(300, False)] * 4),
+    ]
+)
+
+
+def window(*pids: str, deadline: datetime | None = None) -> Window[PendingQuery]:
+    items = tuple(
+        PendingQuery(
+            QueryRequest(
+                id=f"q-{pid}-{i}", prompt=prompt_for(POOL.get(f"m/{pid}")), deadline=deadline
+            ),
+            arrived_at=0.0,
+        )
+        for i, pid in enumerate(pids)
+    )
+    return Window("w-1", 0.0, 2.0, items)
+
+
+def pipeline(
+    policy: AllocationPolicy,
+    backend: CompletionBackend | None = None,
+    registry: CollectorRegistry | None = None,
+) -> WindowPipeline:
+    return WindowPipeline(
+        backend or SimulatedBackend(POOL, seed=1),
+        policy,
+        PipelineMetrics.create(registry or CollectorRegistry()),
+        max_tokens_per_query=1 << 16,
+        wall_clock=lambda: NOW,
+    )
+
+
+async def test_uniform_cap_answers_short_chains_and_counts_every_token() -> None:
+    outcome = await pipeline(UniformPolicy(cap=700)).run(window("easy", "mid", "hard"), 1e9)
+    by_id = {r.id: r for r in outcome.results}
+    assert [r.status for r in outcome.results] == [
+        Status.ANSWERED, Status.ANSWERED, Status.ABANDONED
+    ]  # fmt: skip
+    assert [r.tokens_used for r in outcome.results] == [100, 600, 700]
+    assert by_id["q-easy-0"].answer == "7"
+    assert grade(by_id["q-mid-1"].text or "", POOL.get("m/mid"))
+    assert outcome.report.spent_tokens == 1400
+    assert outcome.report.probe_tokens == 0
+    assert outcome.report.counts.answered == 2
+
+
+async def test_oracle_caps_per_query() -> None:
+    policy = OraclePolicy({"q-easy-0": 100, "q-hard-1": 0})
+    outcome = await pipeline(policy).run(window("easy", "hard"), 1e9)
+    assert [r.status for r in outcome.results] == [Status.ANSWERED, Status.ABANDONED]
+    assert [r.tokens_used for r in outcome.results] == [100, 0]
+
+
+async def test_clear_probes_continue_the_same_chain_and_stay_within_budget() -> None:
+    registry = CollectorRegistry()
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    budget = 2000.0
+    outcome = await pipeline(policy, registry=registry).run(
+        window("easy", "mid", "hard", "wrong"), budget
+    )
+    by_id = {r.id: r for r in outcome.results}
+    easy, mid = by_id["q-easy-0"], by_id["q-mid-1"]
+    assert easy.status is Status.ANSWERED  # finished inside its probe
+    assert (easy.tokens_used, easy.tokens_probe) == (100, 100)
+    assert mid.tokens_probe == 256
+    if mid.status is Status.ANSWERED:  # continued from token 256, not restarted
+        assert mid.tokens_used == 600
+    assert by_id["q-hard-2"].tokens_used <= budget
+    assert outcome.report.spent_tokens <= budget
+    assert outcome.report.probe_tokens == 100 + 256 + 256 + 256
+    assert len(outcome.results) == 4
+    probe_metric = registry.get_sample_value("clear_tokens_total", {"phase": "probe"})
+    assert probe_metric == outcome.report.probe_tokens
+
+
+async def test_zero_budget_abandons_after_probe_with_the_price() -> None:
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    outcome = await pipeline(policy).run(window("mid", "hard"), 0.0)
+    assert {r.status for r in outcome.results} == {Status.ABANDONED}
+    assert all(r.shadow_price is not None for r in outcome.results)
+    assert all(r.tokens_used == 256 for r in outcome.results)
+
+
+async def test_past_deadline_expires_without_spending() -> None:
+    outcome = await pipeline(UniformPolicy(cap=700)).run(
+        window("easy", deadline=NOW - timedelta(seconds=1)), 1e9
+    )
+    (result,) = outcome.results
+    assert result.status is Status.EXPIRED
+    assert result.tokens_used == 0
+
+
+class FailingBackend:
+    """A backend whose every request fails after retries (error-path double)."""
+
+    async def complete(
+        self, prompt: object, *, n: int, max_tokens: int, seed: int | None = None
+    ) -> Completion:
+        raise BackendError("all endpoints down")
+
+
+@pytest.mark.parametrize(
+    "policy", [UniformPolicy(cap=500), ClearPolicy(ProbePlan(1, 256), PriorBook())]
+)
+async def test_backend_failure_ends_in_failed_with_reason(policy: AllocationPolicy) -> None:
+    registry = CollectorRegistry()
+    outcome = await pipeline(policy, FailingBackend(), registry).run(window("easy", "mid"), 1e6)
+    assert [r.status for r in outcome.results] == [Status.FAILED, Status.FAILED]
+    assert all("all endpoints down" in (r.reason or "") for r in outcome.results)
+    assert registry.get_sample_value("clear_queries_total", {"status": "failed"}) == 2
