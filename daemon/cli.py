@@ -8,6 +8,7 @@ from daemon.cmd_replay import demo_command, replay_command, sweep_command
 from daemon.cmd_run import run
 from daemon.cmd_schema import schema
 from daemon.cmd_simulate import simulate_backend
+from daemon.cmd_solve import solve
 
 app = typer.Typer(
     name="clearbudget",
@@ -31,6 +32,7 @@ app.command("sweep")(sweep_command)
 app.command("demo")(demo_command)
 app.command("simulate-backend")(simulate_backend)
 app.command("schema")(schema)
+app.command("solve")(solve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,7 @@ def solve_window(
         tag_prices=dict(zip(problem.tag_names, map(float, relaxation.tag_prices), strict=True)),
         solver=solver_name,
         solve_ms=(clock() - start) * 1e3,
+        budget=problem.budget,
         fallbacks=int(failure is not None),
         fallback_reason=failure,
     )

@@ -146,6 +146,7 @@ class AllocationResult:
     tag_prices: Mapping[str, float]
     solver: str
     solve_ms: float
+    budget: float = math.inf
     fallbacks: int = 0
     fallback_reason: str | None = None
 
@@ -154,8 +155,11 @@ class AllocationResult:
         return self.fallbacks > 0
 
     def token_allocations(self) -> NDArray[np.int64]:
-        """Whole tokens (floored, so every budget still holds)."""
-        return np.floor(self.allocations + 1e-9).astype(np.int64)
+        """Whole tokens: floored (forgiving float dust just below an integer), within budget."""
+        tokens = np.floor(self.allocations + 1e-6).astype(np.int64)
+        while tokens.sum() > self.budget:  # dust forgiven on many queries can add up to a token
+            tokens[np.argmax(tokens)] -= 1
+        return tokens
 
     def to_contract(self) -> dict[str, object]:
         """The `clearbudget solve` output JSON (DESIGN.md contract) plus tag prices."""
@@ -202,7 +206,7 @@ def _check_range(ids: tuple[str, ...], name: str, arr: FloatArray, ok, rule: str
     bad = np.flatnonzero(~ok(arr))
     if bad.size:
         i = int(bad[0])
-        raise ProblemError(f"queries[{i}].{name}", f"{rule}, got {arr[i]!r} (id {ids[i]!r})")
+        raise ProblemError(f"queries[{i}].{name}", f"{rule}, got {float(arr[i])!r} (id {ids[i]!r})")
 
 
 def _check_tags(tags: Sequence[str | None] | None, n: int) -> tuple[str | None, ...]:
