@@ -84,15 +84,19 @@ class WindowPipeline:
         queries = [_Query(item.request) for item in window.items]
         self._expire(queries, window.window_id)
         live = [q for q in queries if q.result is None]
-        plan = self._policy.probe_plan(budget / max(len(live), 1))
-        if plan.samples > 0 and live:
-            await self._probe(live, plan, window.window_id)
-        live = [q for q in queries if q.result is None]
+        selection = self._policy.probe_plan([q.request for q in live], budget)
+        skipped = [q for q, chosen in zip(live, selection.selected, strict=True) if not chosen]
+        live = [q for q, chosen in zip(live, selection.selected, strict=True) if chosen]
+        if selection.plan.enabled and live:
+            await self._probe(live, selection.plan, window.window_id)
+        live = [q for q in live if q.result is None]
         probe_spent = sum(q.probe_tokens for q in queries)
         decision = self._policy.decide([self._view(q) for q in live], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id)
+        for query in skipped:
+            query.result = _insolvent(query, window.window_id, decision.shadow_price)
         return self._report(queries, window, budget, decision, started)
 
     def _cap(self, request: QueryRequest) -> int:
@@ -152,10 +156,7 @@ class WindowPipeline:
                     text=_first_finished(query.probe).text,
                 )  # fmt: skip
             elif tokens <= 0:
-                query.result = _result(
-                    query, Status.ABANDONED, window_id, price,
-                    reason=f"insolvent: cannot return the shadow price {price:.4g} per token",
-                )  # fmt: skip
+                query.result = _insolvent(query, window_id, price)
             else:
                 await self._continue(query, tokens, window_id, price)
 
@@ -292,6 +293,13 @@ def _result(
         window_id=window_id,
         reason=reason,
     )
+
+
+def _insolvent(query: _Query, window_id: str, price: float) -> QueryResult:
+    return _result(
+        query, Status.ABANDONED, window_id, price,
+        reason=f"insolvent: cannot return the shadow price {price:.4g} per token",
+    )  # fmt: skip
 
 
 def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:

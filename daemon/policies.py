@@ -16,11 +16,21 @@ from numpy.typing import NDArray
 
 from schemas.messages import QueryRequest
 from solver.allocate import solve_window
-from solver.fit import ProbeOutcome, ProbePlan, fit_window
+from solver.fit import ProbeOutcome, ProbePlan, fit_window, select_probes
 from solver.priors import PriorBook
 from solver.problem import WindowProblem
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSelection:
+    plan: ProbePlan
+    selected: NDArray[np.bool_]
+
+    @classmethod
+    def everyone(cls, plan: ProbePlan, n: int) -> ProbeSelection:
+        return cls(plan, np.ones(n, dtype=bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +58,9 @@ class Decision:
 class AllocationPolicy(Protocol):
     name: str
 
-    def probe_plan(self, budget_per_query: float) -> ProbePlan: ...
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        """The probe and which queries get it; the others are abandoned unprobed."""
+        ...
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision: ...
 
@@ -67,8 +79,15 @@ class ClearPolicy:
         self._plan = plan
         self._priors = priors
 
-    def probe_plan(self, budget_per_query: float) -> ProbePlan:
-        return self._plan
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        if not self._plan.enabled:
+            return ProbeSelection.everyone(self._plan, len(requests))
+        # Queries the window would abandon on their prior curves are not worth a probe.
+        selected = select_probes(
+            [r.tags for r in requests], [r.difficulty_hint for r in requests], budget,
+            self._priors,
+        )  # fmt: skip
+        return ProbeSelection(self._plan, selected)
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         if not queries:
@@ -116,8 +135,8 @@ class UniformPolicy:
     def __init__(self, cap: int | None = None) -> None:
         self._cap = cap
 
-    def probe_plan(self, budget_per_query: float) -> ProbePlan:
-        return NO_PROBE
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        return ProbeSelection.everyone(NO_PROBE, len(requests))
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         cap = self._cap if self._cap is not None else int(budget // max(len(queries), 1))
@@ -138,8 +157,8 @@ class OraclePolicy:
     def __init__(self, caps_by_id: Mapping[str, int]) -> None:
         self._caps = caps_by_id
 
-    def probe_plan(self, budget_per_query: float) -> ProbePlan:
-        return NO_PROBE
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        return ProbeSelection.everyone(NO_PROBE, len(requests))
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         tokens = np.array([min(self._caps.get(q.request.id, 0), q.cap_left) for q in queries])
