@@ -3,7 +3,8 @@
 Single budget: total demand Σ b_i(λ) falls as λ rises (with a jump of knee_i where λ passes
 v_i·s_i), so a geometric bisection brackets λ* to 1e-12 relative. Tag budgets: with one tag per
 query the dual splits. A tag's own price ν_t (the smallest price meeting its budget alone) does not
-depend on λ, and each query then pays max(λ, ν_t); ν for all tags is bisected at once.
+depend on λ, and each query then pays max(λ, ν_t); ν for all tags is bisected at once, then λ
+against a total demand in which each tag spends min(its demand at λ, its budget).
 """
 
 from __future__ import annotations
@@ -45,31 +46,41 @@ class Prices:
 
 def closed_form_prices(curves: Curves, budget: float, tag_budgets: FloatArray) -> Prices:
     n_tags = tag_budgets.size
+    tagged = curves.tag_index != NO_TAG
+    tag_of = curves.tag_index[tagged]
     tag_low = tag_high = np.zeros(n_tags)
     if n_tags:
-        tag_low, tag_high = _bisect_group_prices(
-            curves, curves.tag_index, tag_budgets, floor=np.zeros(curves.size)
-        )
-    floor = np.append(tag_high, 0.0)[curves.tag_index]
-    everyone = np.zeros(curves.size, dtype=np.int64)
-    low, high = _bisect_group_prices(curves, everyone, np.array([budget]), floor=floor)
+
+        def tag_demand(price: FloatArray) -> FloatArray:
+            b = allocation_at(curves, np.append(price, 0.0)[curves.tag_index])
+            return np.bincount(tag_of, weights=b[tagged], minlength=n_tags)
+
+        tag_low, tag_high = _bisect(tag_demand, _top_rates(curves, n_tags), tag_budgets)
+
+    def total_demand(price: FloatArray) -> FloatArray:
+        # A tag spends at most its budget: below its own price ν_t it is pinned at B_t
+        # (its chord query absorbs the rest), above ν_t its queries follow λ.
+        b = allocation_at(curves, price[0])
+        per_tag = np.bincount(tag_of, weights=b[tagged], minlength=n_tags)
+        return np.array([np.sum(b[~tagged]) + np.sum(np.minimum(per_tag, tag_budgets))])
+
+    top = np.array([float(np.max(curves.return_rate, initial=0.0))])
+    low, high = _bisect(total_demand, top, np.array([budget]))
     return Prices(float(low[0]), float(high[0]), tag_low, tag_high)
 
 
-def _bisect_group_prices(
-    curves: Curves, group: NDArray[np.int64], budgets: FloatArray, *, floor: FloatArray
+def _top_rates(curves: Curves, n_tags: int) -> FloatArray:
+    top = np.zeros(n_tags)
+    tagged = curves.tag_index != NO_TAG
+    np.maximum.at(top, curves.tag_index[tagged], curves.return_rate[tagged])
+    return top
+
+
+def _bisect(
+    demand: Callable[[FloatArray], FloatArray], top: FloatArray, budgets: FloatArray
 ) -> tuple[FloatArray, FloatArray]:
-    """Per group g the bracket [low_g, high_g] where demand at max(price_g, floor) meets budget_g."""
+    """Per group g the bracket [low_g, high_g] where demand_g crosses budget_g (vectorised)."""
     n_groups = budgets.size
-    member = group != NO_TAG
-    grp = group[member]
-
-    def demand(price: FloatArray) -> FloatArray:
-        b = allocation_at(curves, np.maximum(price[group], floor))
-        return np.bincount(grp, weights=b[member], minlength=n_groups)
-
-    top = np.zeros(n_groups)
-    np.maximum.at(top, grp, curves.return_rate[member])
     high = top * (1.0 + 4 * _REL_TOL) + _SMALLEST_PRICE  # nobody is solvent above this
     slack = demand(np.zeros(n_groups)) <= budgets
     low = np.where(slack, 0.0, high * _EXPAND_FACTOR)
