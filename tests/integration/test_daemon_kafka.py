@@ -100,7 +100,11 @@ async def test_queries_in_one_terminal_result_each_out(
     good_statuses = {by_id[i].status for i in good_ids}
     assert good_statuses <= {Status.ANSWERED, Status.ABANDONED}
     assert Status.ANSWERED in good_statuses
-    assert all(by_id[i].tokens_probe > 0 for i in good_ids)
+    # Probed queries spent tokens; unprobed ones were priced out before any spend.
+    for qid in good_ids:
+        result = by_id[qid]
+        assert result.tokens_probe > 0 or "insolvent" in (result.reason or "")
+        assert result.tokens_used >= result.tokens_probe
 
     letters = [DeadLetter.model_validate_json(v) for v in await read_all(
         kafka_broker.bootstrap, dlq_topic, len(BAD_MESSAGES))]  # fmt: skip
