@@ -216,6 +216,18 @@ def test_hostile_field_names_are_escaped_and_clipped() -> None:
     assert len(outcome.error) < 120
 
 
+def test_an_unexpected_validator_failure_still_yields_a_rejection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> QueryRequest:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(QueryRequest, "model_validate", broken)
+    outcome = rejected(encode(valid()))
+    assert outcome.error == "message: could not be validated (RuntimeError)"
+    assert outcome.result is None
+
+
 # --- the rejection's records ------------------------------------------------------------
 
 
