@@ -1,4 +1,4 @@
-"""Solver speed: closed form vs cvxpy (Clarabel, ECOS, SCS, HiGHS tangent LP), first solve and re-solve.
+"""Solver speed: closed form vs cvxpy (Clarabel, ECOS, SCS, HiGHS LP), first solve and re-solve.
 
 Usage: python benchmarks/solver_bench.py [--sizes 100 1000 10000] [--repeats 5] [--record]
 First solve: a fresh allocator (includes cvxpy's compile for the bucket). Re-solve: the median over
@@ -83,7 +83,8 @@ def bench(n: int, name: str, factory: Callable, repeats: int, seed: int) -> dict
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| queries | path | first solve (ms) | re-solve median (ms) | max λ rel. error | fallbacks |",
+        "| queries | path | first solve (ms) | re-solve median (ms) "
+        "| max λ rel. error | fallbacks |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -1,4 +1,4 @@
-"""`solve_window`: one window's allocation, shadow price and abandonment (the public entry point)."""
+"""`solve_window`: one window's allocation, shadow price and abandonment (public entry point)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Literal
 import numpy as np
 
 from solver.closed_form import closed_form_prices
-from solver.curves import Curves, allocation_at, build_curves, relaxed_value, weighted_value
+from solver.curves import (
+    Curves,
+    allocation_at,
+    build_curves,
+    group_sums,
+    relaxed_value,
+    weighted_value,
+)
 from solver.cvx import CvxpyAllocator, Relaxation, SolverFailure
 from solver.problem import AllocationResult, FloatArray, WindowProblem
 from solver.rounding import drop_chord_queries, enforce_budgets, fill_chords
@@ -39,6 +46,8 @@ def solve_window(
     curves = build_curves(problem)
     tag_budgets = problem.tag_budget_array
     wants_cvxpy = method == "cvxpy" or (method == "auto" and tag_budgets.size > 0)
+    # Nothing to price when every fundable query fits at its cap: λ = 0, no solver needed.
+    wants_cvxpy = wants_cvxpy and not _fits_at_caps(curves, problem.budget, tag_budgets)
     relaxation, solver_name, failure = None, CLOSED_FORM, None
     if wants_cvxpy:
         allocator = allocator or CvxpyAllocator()
@@ -67,6 +76,12 @@ def solve_window(
         fallbacks=int(failure is not None),
         fallback_reason=failure,
     )
+
+
+def _fits_at_caps(curves: Curves, budget: float, tag_budgets: FloatArray) -> bool:
+    if float(np.sum(curves.cap)) > budget:
+        return False
+    return bool(np.all(group_sums(curves, curves.cap, tag_budgets.size) <= tag_budgets))
 
 
 def relax_closed_form(curves: Curves, budget: float, tag_budgets: FloatArray) -> Relaxation:

@@ -14,7 +14,7 @@ _DEFAULTS = {"weight": 1.0, "cap": math.inf}
 
 
 def problem_from_json(doc: Any) -> WindowProblem:
-    """`{"budget", "queries": [{"id", "A", "tau", "beta", "weight"?, "cap"?, "tag"?}], "tag_budgets"?}`."""
+    """Parse `{"budget", "queries": [{"id", "A", "tau", "beta", ...}], "tag_budgets"?}`."""
     if not isinstance(doc, Mapping):
         raise ProblemError("(root)", "expected a JSON object")
     if "budget" not in doc:
@@ -55,7 +55,9 @@ def _read_query(i: int, query: Any, columns: dict[str, list[Any]]) -> None:
         elif raw is None:
             raise ProblemError(f"queries[{i}].{name}", f"is required (id {qid!r})")
         if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ProblemError(f"queries[{i}].{name}", f"must be a number, got {raw!r} (id {qid!r})")
+            raise ProblemError(
+                f"queries[{i}].{name}", f"must be a number, got {raw!r} (id {qid!r})"
+            )
         columns[name].append(float(raw))
     tag = query.get("tag")
     if tag is not None and not isinstance(tag, str):

@@ -10,17 +10,17 @@ from numpy.typing import NDArray
 from solver.problem import NO_TAG, FloatArray, WindowProblem
 from solver.utility import envelope, value
 
-
 TAIL_HORIZON = 40.0
+_NEGLIGIBLE_RATE = 1e-200
 
 
 @dataclass(frozen=True, slots=True)
 class Curves:
-    """Weighted envelope geometry of a window, caps already tightened to the budgets.
+    """Weighted envelope geometry of a window (chords drawn to caps and budgets).
 
     return_rate: v·s, the best value per token (insolvent at price λ iff return_rate < λ).
     knee: end of the chord (w, or the cap when it is below w).
-    cap: min(query cap, window budget, its tag budget, knee + TAIL_HORIZON/β).
+    cap: min(query cap, knee + TAIL_HORIZON/β); the knee itself where a limit cuts the chord.
     tail_scale: v·A·exp(−β(knee − τ)), the value still to gain past the knee.
     """
 
@@ -53,17 +53,24 @@ class Curves:
 
 
 def build_curves(problem: WindowProblem) -> Curves:
-    cap = np.minimum(problem.cap, problem.budget)
+    # The chord is drawn to the tightest limit (own cap, window or tag budget): a query that
+    # cannot reach w with the whole budget returns at best U(limit)/limit per token.
+    limit = np.minimum(problem.cap, problem.budget)
     if problem.tag_names:
         tag_caps = np.append(problem.tag_budget_array, np.inf)  # NO_TAG (−1) reads the last slot
-        cap = np.minimum(cap, tag_caps[problem.tag_index])
-    env = envelope(problem.a, problem.tau, problem.beta, cap)
+        limit = np.minimum(limit, tag_caps[problem.tag_index])
+    env = envelope(problem.a, problem.tau, problem.beta, limit)
     # Past knee + TAIL_HORIZON/β the tail has gained all but e^-40 of its value: tokens spent
-    # there buy nothing a float can see, so no query is funded beyond it.
-    cap = np.minimum(cap, env.knee + TAIL_HORIZON / problem.beta)
+    # there buy nothing a float can see, so no query is funded beyond it. Budgets are left to
+    # their own rows (a cap equal to the budget would make the budget's dual non-unique).
+    has_tail = env.tail_scale > 0.0
+    cap = np.where(
+        has_tail, np.minimum(problem.cap, env.knee + TAIL_HORIZON / problem.beta), env.knee
+    )
     weighted_rate = problem.weight * env.slope
-    # A query that can return nothing (v·A = 0, or capped at or below τ) is never funded.
-    worthless = ~(weighted_rate > 0.0)
+    # A query that can return nothing (v·A = 0, or capped at or below τ) is never funded; nor
+    # is one whose value per token is denormal-small, which no solver can scale.
+    worthless = ~(weighted_rate > _NEGLIGIBLE_RATE)
     with np.errstate(divide="ignore"):
         log_peak = np.log(problem.weight * problem.a * problem.beta)
     return Curves(

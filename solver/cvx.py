@@ -31,7 +31,7 @@ _SOLVER_OPTIONS: dict[str, dict[str, object]] = {
     "SCS": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 20_000},
     "HIGHS": {},
 }
-_ZERO_RTOL = 1e-7  # below this fraction of the budget a relaxed allocation counts as none
+_PRICE_RTOL = 1e-6  # a query whose v·s is this close to the solver's price is tied with it
 
 
 class SolverFailure(RuntimeError):
@@ -193,7 +193,12 @@ class CvxpyAllocator:
             with warnings.catch_warnings():
                 # cvxpy warns on inaccurate solutions; the status check below handles them.
                 warnings.simplefilter("ignore", UserWarning)
-                model.problem.solve(solver=self.solver, **_SOLVER_OPTIONS[self.solver])
+                # warm_start=False: cvxpy would otherwise update the previous Clarabel instance
+                # in place, which keeps that window's equilibration and returned visibly less
+                # accurate (sometimes failed) solves on the next window.
+                model.problem.solve(
+                    solver=self.solver, warm_start=False, **_SOLVER_OPTIONS[self.solver]
+                )
         except (cp.SolverError, ArithmeticError, ValueError) as exc:
             raise SolverFailure(f"{self.solver} raised: {exc}") from exc
         if model.problem.status not in _OK:
@@ -225,30 +230,56 @@ def _scaled_data(
 def _read(
     model: _Model, curves: Curves, budget: float, tag_budgets: FloatArray, value_scale: float
 ) -> Relaxation:
-    n = curves.size
-    tokens = max(budget, 1e-300)
-    y = np.asarray(model.y.value)[:n] * tokens
-    tail_tokens = np.asarray(model.t.value)[:n] / curves.beta
-    b = np.clip(y, 0.0, None) + np.clip(tail_tokens, 0.0, None)
-    per_value = 1.0 / (value_scale * tokens)
+    per_value = 1.0 / (value_scale * max(budget, 1e-300))
     shadow = max(float(model.budget_row.dual_value), 0.0) * per_value
     tag_prices = np.zeros(tag_budgets.size)
     if model.tag_rows is not None:
         duals = np.asarray(model.tag_rows.dual_value)[: tag_budgets.size]
         tag_prices = np.maximum(duals, 0.0) * per_value
-    relaxed = _vertex_from_interior(curves, b, budget, tag_budgets)
+    n = curves.size
+    primal = np.asarray(model.y.value)[:n] * max(budget, 1e-300)
+    primal = (
+        np.clip(primal, 0.0, None) + np.clip(np.asarray(model.t.value)[:n], 0.0, None) / curves.beta
+    )
+    relaxed = _allocate_at_duals(curves, primal, shadow, tag_prices, budget, tag_budgets)
+    if tag_budgets.size == 0:
+        shadow = min(shadow, _clearing_price(curves, relaxed.allocations))
     return Relaxation(relaxed=relaxed, shadow_price=shadow, tag_prices=tag_prices)
 
 
-def _vertex_from_interior(
-    curves: Curves, b: FloatArray, budget: float, tag_budgets: FloatArray
+def _allocate_at_duals(
+    curves: Curves,
+    primal: FloatArray,
+    shadow: float,
+    tag_prices: FloatArray,
+    budget: float,
+    tag_budgets: FloatArray,
 ) -> Relaxed:
-    """Interior-point solvers split ties evenly across chords; refill them greedily to a vertex."""
-    zero = b <= _ZERO_RTOL * budget
-    reached = (b >= curves.knee * (1.0 - KNEE_RTOL)) & ~zero
-    base = np.where(reached, np.clip(b, curves.knee, curves.cap), 0.0)
-    candidates = np.flatnonzero(~zero & ~reached & (curves.return_rate > 0))
+    """Solvency from the solver's prices; queries tied with their price (v·s within tolerance)
+    refilled best first, since an interior-point primal splits near-ties evenly. Solvent queries
+    keep the primal's tokens, which meet the budget more exactly than the rule at a noisy dual."""
+    price = shadow + np.append(tag_prices, 0.0)[curves.tag_index]
+    rate = curves.return_rate
+    solvent = (rate >= price * (1.0 + _PRICE_RTOL)) & (rate > 0)
+    base = np.where(solvent, np.clip(primal, curves.knee, curves.cap), 0.0)
+    candidates = np.flatnonzero(
+        (rate >= price * (1.0 - _PRICE_RTOL)) & (rate < price * (1.0 + _PRICE_RTOL)) & (rate > 0)
+    )
     return fill_chords(curves, base, candidates, budget, tag_budgets)
+
+
+def _clearing_price(curves: Curves, b: FloatArray) -> float:
+    """The lowest price that clears: the best marginal value among queries that could take more.
+
+    Where a query sits at its cap the budget's dual is an interval; the closed form reports its
+    lower end and an interior-point solver its middle, so both are mapped to the lower end.
+    """
+    room = b < curves.cap * (1.0 - KNEE_RTOL)
+    on_chord = b < curves.knee * (1.0 - KNEE_RTOL)
+    with np.errstate(over="ignore"):
+        tail = np.exp(curves.log_peak - curves.beta * np.maximum(b - curves.tau, 0.0))
+    marginal = np.where(on_chord, curves.return_rate, tail)
+    return float(np.max(np.where(room & (curves.return_rate > 0), marginal, 0.0), initial=0.0))
 
 
 def _pad(values: FloatArray, size: int) -> FloatArray:

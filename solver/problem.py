@@ -202,7 +202,7 @@ def _float_array(name: str, values: ArrayLike, n: int) -> FloatArray:
     return arr
 
 
-def _check_range(ids: tuple[str, ...], name: str, arr: FloatArray, ok, rule: str) -> None:  # noqa: ANN001
+def _check_range(ids: tuple[str, ...], name: str, arr: FloatArray, ok, rule: str) -> None:
     bad = np.flatnonzero(~ok(arr))
     if bad.size:
         i = int(bad[0])
@@ -229,7 +229,9 @@ def _check_budgets(budget: float, tag_budgets: Mapping[str, float] | None) -> di
         if not isinstance(tag, str):
             raise ProblemError("tag_budgets", f"keys must be strings, got {tag!r}")
         if not _is_finite_nonneg_number(tag_budget):
-            raise ProblemError(f"tag_budgets.{tag}", f"must be a finite number >= 0, got {tag_budget!r}")
+            raise ProblemError(
+                f"tag_budgets.{tag}", f"must be a finite number >= 0, got {tag_budget!r}"
+            )
         checked[tag] = float(tag_budget)
     return checked
 

@@ -50,7 +50,9 @@ def fill_chords(
     return Relaxed(allocations=b, inside_chord=inside)
 
 
-def _fill_single_row(b: FloatArray, knee: FloatArray, order: NDArray[np.int64], left: float) -> None:
+def _fill_single_row(
+    b: FloatArray, knee: FloatArray, order: NDArray[np.int64], left: float
+) -> None:
     if order.size == 0:
         return
     cumulative = np.cumsum(knee[order])

@@ -137,7 +137,7 @@ def test_large_windows_are_built_per_window_and_agree() -> None:
 
 
 class BrokenAllocator(CvxpyAllocator):
-    def relax(self, *args: object, **kwargs: object):  # type: ignore[override]  # noqa: ANN201
+    def relax(self, *args: object, **kwargs: object):  # type: ignore[override]
         raise SolverFailure("CLARABEL finished with status 'optimal_inaccurate'")
 
 
@@ -147,7 +147,8 @@ def test_solver_failure_falls_back_to_closed_form_and_is_counted(
     problem = window(30, seed=2)
     with caplog.at_level(logging.WARNING, logger="solver.allocate"):
         result = solve_window(problem, method="cvxpy", allocator=BrokenAllocator())
-    assert result.fallbacks == 1 and result.fell_back
+    assert result.fallbacks == 1
+    assert result.fell_back
     assert result.solver == "closed_form"
     assert "optimal_inaccurate" in (result.fallback_reason or "")
     assert "fallback" in caplog.text
@@ -209,5 +210,6 @@ def test_edges_are_well_defined(allocator: CvxpyAllocator, edge: dict[str, float
         result = solve_window(problem, method=method, allocator=allocator)  # type: ignore[arg-type]
         assert np.all(np.isfinite(result.allocations))
         assert result.allocations.sum() <= problem.budget
-        assert np.isfinite(result.shadow_price) and result.shadow_price >= 0
+        assert np.isfinite(result.shadow_price)
+        assert result.shadow_price >= 0
         assert np.isfinite(result.objective)

@@ -59,7 +59,7 @@ def test_bad_input_names_the_field(doc: object, field: str) -> None:
 
 
 def test_arrays_of_the_wrong_length_are_rejected() -> None:
-    with pytest.raises(ProblemError, match="^beta"):
+    with pytest.raises(ProblemError, match=r"^beta"):
         WindowProblem.create(["a", "b"], [0.5, 0.5], [1.0, 1.0], [0.1, 0.2, 0.3], 100.0)
 
 
