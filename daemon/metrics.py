@@ -23,6 +23,7 @@ class PipelineMetrics:
     windows: Counter
     solver_fallbacks: Counter
     dead_letters: Counter
+    window_errors: Counter
     queue_depth: Gauge
     in_flight: Gauge
     budget_share: Gauge
@@ -72,6 +73,11 @@ class PipelineMetrics:
             ),
             dead_letters=Counter(
                 "clear_dead_letters", "Messages copied to the DLQ topic.", registry=registry
+            ),
+            window_errors=Counter(
+                "clear_window_errors",
+                "Windows that raised; their queries ended failed.",
+                registry=registry,
             ),
             queue_depth=Gauge(
                 "clear_queue_depth",

@@ -90,6 +90,9 @@ class WindowPipeline:
         if selection.plan.enabled and live:
             await self._probe(live, selection.plan, window.window_id)
         live = [q for q in live if q.result is None]
+        # A query whose own max_tokens the probe used up has nothing left to decide.
+        spent_out = [q for q in live if self._view(q).cap_left == 0]
+        live = [q for q in live if self._view(q).cap_left > 0]
         probe_spent = sum(q.probe_tokens for q in queries)
         decision = self._policy.decide([self._view(q) for q in live], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
@@ -97,7 +100,22 @@ class WindowPipeline:
         await self._dispatch(live, decision, window.window_id)
         for query in skipped:
             query.result = _insolvent(query, window.window_id, decision.shadow_price)
+        for query in spent_out:
+            query.result = self._probe_only_result(query, window.window_id, decision.shadow_price)
         return self._report(queries, window, budget, decision, started)
+
+    def _probe_only_result(self, query: _Query, window_id: str, price: float) -> QueryResult:
+        self._observe_probe_only(query)
+        finished = next((s for s in _probe_samples(query.probe) if s.finish_reason == "stop"), None)
+        if finished is not None:
+            return _result(
+                query, Status.ANSWERED, window_id, price,
+                answer=extract_answer(finished.text), text=finished.text,
+            )  # fmt: skip
+        return _result(
+            query, Status.ABANDONED, window_id, price,
+            reason=f"its max_tokens ({self._cap(query.request)}) ran out during the probe",
+        )  # fmt: skip
 
     def _cap(self, request: QueryRequest) -> int:
         return min(request.max_tokens or self._max_tokens, self._max_tokens)
@@ -254,6 +272,24 @@ class WindowPipeline:
         return WindowOutcome(results, report)
 
 
+def failed_results(window: Window[PendingQuery], exc: Exception) -> list[QueryResult]:
+    """Results for a window that raised: every query fails, with the error as its reason."""
+    reason = f"internal error in window {window.window_id}: {type(exc).__name__}: {exc}"[:2000]
+    return [
+        QueryResult(
+            id=item.request.id,
+            status=Status.FAILED,
+            tokens_used=0,
+            tokens_probe=0,
+            allocated_tokens=0,
+            shadow_price=None,
+            window_id=window.window_id,
+            reason=reason,
+        )
+        for item in window.items
+    ]
+
+
 def shutdown_results(items: Sequence[PendingQuery]) -> list[QueryResult]:
     """Results for queries a shutdown deadline cut off (their tokens are unknown: 0)."""
     return [
@@ -320,6 +356,10 @@ def _sample_tokens(sample: Sample, probe: Completion) -> int:
         return sample.completion_tokens
     # Only the request total is known: split it evenly (exact for n = 1).
     return probe.completion_tokens // max(len(probe.samples), 1)
+
+
+def _probe_samples(probe: Completion | None) -> tuple[Sample, ...]:
+    return probe.samples if probe is not None else ()
 
 
 def _first_censored(probe: Completion | None) -> Sample | None:

@@ -22,7 +22,7 @@ from daemon.intake import Intake, Rejection
 from daemon.kafka_io import ResultSink
 from daemon.metrics import PipelineMetrics
 from daemon.offsets import OffsetTracker, PartitionKey
-from daemon.pipeline import PendingQuery, WindowPipeline, shutdown_results
+from daemon.pipeline import PendingQuery, WindowPipeline, failed_results, shutdown_results
 from daemon.windowing import Window, WindowAssembler
 from schemas.messages import QueryResult
 
@@ -199,13 +199,25 @@ class Daemon:
             self._metrics.window_seconds.observe(self._clock() - started)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a window must never take the daemon down
+        except Exception as exc:  # a window must never take the daemon down, nor lose a query
             self._log.exception("window_failed", window_id=window.window_id, error=str(exc))
-            self.state.fatal_error = f"window {window.window_id}: {exc}"
+            self._metrics.window_errors.inc()
+            await self._fail_window(window, exc)
         finally:
             self._running.items.pop(window.window_id, None)
             if holds_slot:
                 self._slots.release()
+
+    async def _fail_window(self, window: Window[PendingQuery], exc: Exception) -> None:
+        """Publish `failed` for every query of a window that broke; if even that fails, the
+        offsets stay uncommitted and a restart re-reads the queries (liveness turns red)."""
+        try:
+            await self._sink.publish_results(failed_results(window, exc))
+        except Exception as publish_error:
+            self.state.fatal_error = f"window {window.window_id}: {publish_error}"
+            return
+        self._metrics.queries.labels(status="failed").inc(len(window.items))
+        self._finish(window.items)
 
     def _finish(self, items: Sequence[PendingQuery]) -> None:
         for item in items:

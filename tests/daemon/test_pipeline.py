@@ -149,3 +149,21 @@ async def test_backend_failure_ends_in_failed_with_reason(policy: AllocationPoli
     assert [r.status for r in outcome.results] == [Status.FAILED, Status.FAILED]
     assert all("all endpoints down" in (r.reason or "") for r in outcome.results)
     assert registry.get_sample_value("clear_queries_total", {"status": "failed"}) == 2
+
+
+async def test_max_tokens_below_the_probe_ends_in_the_probe() -> None:
+    """Found by the broker fuzz test: a query capped under the probe length must not break the
+    window; its probe is cut at its own cap and nothing is left to dispatch."""
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    mid, easy = prompt_for(POOL.get("m/mid")), prompt_for(POOL.get("m/easy"))
+    items = (
+        PendingQuery(QueryRequest(id="tiny", prompt=mid, max_tokens=2), 0.0),
+        PendingQuery(QueryRequest(id="short", prompt=easy, max_tokens=150), 0.0),
+    )
+    outcome = await pipeline(policy).run(Window("w-2", 0.0, 2.0, items), 1e6)
+    tiny, short = outcome.results
+    assert tiny.status is Status.ABANDONED
+    assert tiny.tokens_used == 2
+    assert "max_tokens" in (tiny.reason or "")
+    assert short.status is Status.ANSWERED
+    assert short.tokens_used == 100
