@@ -114,8 +114,9 @@ def rig(
             loop.run_until_complete(client.stop())
     loop.close()
     for process in (daemon, simulator):
-        process.terminate()
-        process.wait(30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
     print((logs / "daemon.log").read_text()[-3000:])
 
 
@@ -211,3 +212,6 @@ def test_daemon_stayed_healthy_and_committed_everything(rig: Rig) -> None:
             await checker.stop()
 
     assert rig.loop.run_until_complete(committed()) == rig.sent
+    # SIGTERM: the daemon drains and exits 0 well within its shutdown deadline.
+    rig.daemon.terminate()
+    assert rig.daemon.wait(40) == 0
