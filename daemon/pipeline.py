@@ -272,36 +272,26 @@ class WindowPipeline:
         return WindowOutcome(results, report)
 
 
-def failed_results(window: Window[PendingQuery], exc: Exception) -> list[QueryResult]:
-    """Results for a window that raised: every query fails, with the error as its reason."""
-    reason = f"internal error in window {window.window_id}: {type(exc).__name__}: {exc}"[:2000]
+def unserved_results(
+    items: Sequence[PendingQuery],
+    status: Status,
+    reason: str,
+    *,
+    window_id: str | None = None,
+    shadow_price: float | None = None,
+) -> list[QueryResult]:
+    """Terminal results for queries the pipeline could not serve (a window that raised, a
+    shutdown deadline): no tokens are attributed, the reason says why."""
     return [
         QueryResult(
             id=item.request.id,
-            status=Status.FAILED,
+            status=status,
             tokens_used=0,
             tokens_probe=0,
             allocated_tokens=0,
-            shadow_price=None,
-            window_id=window.window_id,
-            reason=reason,
-        )
-        for item in window.items
-    ]
-
-
-def shutdown_results(items: Sequence[PendingQuery]) -> list[QueryResult]:
-    """Results for queries a shutdown deadline cut off (their tokens are unknown: 0)."""
-    return [
-        QueryResult(
-            id=item.request.id,
-            status=Status.ABANDONED,
-            tokens_used=0,
-            tokens_probe=0,
-            allocated_tokens=0,
-            shadow_price=0.0,
-            window_id=None,
-            reason=SHUTDOWN_REASON,
+            shadow_price=shadow_price,
+            window_id=window_id,
+            reason=reason[:2000],
         )
         for item in items
     ]

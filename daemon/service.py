@@ -22,9 +22,9 @@ from daemon.intake import Intake, Rejection
 from daemon.kafka_io import ResultSink
 from daemon.metrics import PipelineMetrics
 from daemon.offsets import OffsetTracker, PartitionKey
-from daemon.pipeline import PendingQuery, WindowPipeline, failed_results, shutdown_results
+from daemon.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, unserved_results
 from daemon.windowing import Window, WindowAssembler
-from schemas.messages import QueryResult
+from schemas.messages import Status
 
 POLL_TIMEOUT_MS = 100
 COMMIT_INTERVAL_S = 0.5
@@ -212,7 +212,10 @@ class Daemon:
         """Publish `failed` for every query of a window that broke; if even that fails, the
         offsets stay uncommitted and a restart re-reads the queries (liveness turns red)."""
         try:
-            await self._sink.publish_results(failed_results(window, exc))
+            reason = f"internal error in window {window.window_id}: {type(exc).__name__}: {exc}"
+            await self._sink.publish_results(
+                unserved_results(window.items, Status.FAILED, reason, window_id=window.window_id)
+            )
         except Exception as publish_error:
             self.state.fatal_error = f"window {window.window_id}: {publish_error}"
             return
@@ -277,7 +280,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         if leftovers:
-            results: list[QueryResult] = shutdown_results(leftovers)
+            results = unserved_results(
+                leftovers, Status.ABANDONED, SHUTDOWN_REASON, shadow_price=0.0
+            )
             await self._sink.publish_results(results)
             self._finish(leftovers)
             self._metrics.queries.labels(status="abandoned").inc(len(results))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.embedded import free_loopback_port
+from daemon.embedded import free_loopback_port, stop_process
 from tests.support.tiny_llama import build_tiny_llama
 
 
@@ -32,14 +32,8 @@ class VllmServer:
         return self.log_path.read_bytes()[-max_bytes:].decode("utf-8", "replace")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
 
 def _wait_healthy(server: VllmServer, timeout: float) -> None:
