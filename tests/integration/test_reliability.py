@@ -265,3 +265,100 @@ def test_backend_faults_retry_elsewhere_fail_with_reason_and_recover(
     finally:
         for process in (daemon, sim_a, sim_b):
             stop_process(process, 30)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_soak_mixed_input_and_backend_faults_keeps_memory_flat(
+    cluster: Cluster, shared_data: Path
+) -> None:
+    """Bounded soak (about a minute, loopback only): 6,000 messages, one in ten malformed, while
+    one of two endpoints is killed and restarted every few seconds."""
+    rollouts = shared_data / "rollouts.jsonl"
+    port_a, port_b = free_loopback_port(), free_loopback_port()
+    sims = {port_a: start_simulator(rollouts, port_a, cluster.logs / "sim-a.log"),
+            port_b: start_simulator(rollouts, port_b, cluster.logs / "sim-b.log")}  # fmt: skip
+    endpoints = f"http://127.0.0.1:{port_a},http://127.0.0.1:{port_b}"
+    daemon, http_port = cluster.start_daemon("soak", endpoints)
+    rounds, per_round = 12, 500
+    sent_ids: list[str] = []
+    bad = 0
+    rss: list[float] = []
+    try:
+        time.sleep(1.0)
+        for round_ in range(rounds):
+            flaky = sims[port_a]
+            if round_ % 2 == 0:
+                flaky.send_signal(signal.SIGKILL)
+                flaky.wait(10)
+            else:
+                sims[port_a] = start_simulator(rollouts, port_a, cluster.logs / "sim-a.log")
+            ids = [f"s{round_:02d}-{i:04d}" for i in range(per_round)]
+            bad += send_mixed(cluster, ids)
+            sent_ids += [qid for i, qid in enumerate(ids) if i % 10]
+            rss.append(rss_mib(daemon.pid))
+        results = read_result_records(cluster, set(sent_ids), timeout_s=180)
+        letters = read_all_values(cluster, cluster.topics[2], bad)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status_code == 200
+        assert daemon.poll() is None, "the daemon died during the soak"
+    finally:
+        for process in (daemon, *sims.values()):
+            stop_process(process, 30)
+    counts = Counter(r.id for r in results if r.status.value != "rejected")
+    assert set(sent_ids) <= counts.keys(), "a query got no terminal result"
+    assert max(counts.values()) == 1, "a query got two terminal results without any restart"
+    assert len(letters) == bad
+    # Memory: after warm-up, RSS stays within a small band (no per-query leak).
+    warm = rss[2:]
+    print(
+        f"soak: {len(sent_ids) + bad} messages, {bad} malformed, RSS MiB {[round(x) for x in rss]}"
+    )
+    assert max(warm) - min(warm) < 40, f"RSS grew: {warm}"
+
+
+def send_mixed(cluster: Cluster, ids: list[str]) -> int:
+    """Produce `ids`, every tenth as malformed JSON; returns how many were malformed."""
+
+    async def send() -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=cluster.bootstrap, linger_ms=5)
+        await producer.start()
+        malformed = 0
+        try:
+            for i, qid in enumerate(ids):
+                if i % 10 == 0:
+                    value, malformed = b'{"id": "' + qid.encode() + b'", "prompt": 7', malformed + 1
+                else:
+                    value = json.dumps({"id": qid, "prompt": f"problem: {qid}"}).encode()
+                await producer.send(cluster.topics[0], value, key=qid.encode())
+                if i % 50 == 0:
+                    await asyncio.sleep(0.02)  # a steady stream, not one burst
+            await producer.flush()
+        finally:
+            await producer.stop()
+        return malformed
+
+    return asyncio.run(send())
+
+
+def read_all_values(cluster: Cluster, topic: str, want: int, timeout_s: float = 60) -> list[bytes]:
+    async def read() -> list[bytes]:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=cluster.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        values: list[bytes] = []
+        try:
+            deadline = time.monotonic() + timeout_s
+            while len(values) < want and time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=200)
+                values += [r.value for rs in batch.values() for r in rs]
+        finally:
+            await consumer.stop()
+        return values
+
+    return asyncio.run(read())
