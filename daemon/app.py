@@ -15,7 +15,13 @@ from daemon.backend import CompletionBackend
 from daemon.budget import BudgetLedger
 from daemon.http_server import HealthChecks, start_http_server
 from daemon.intake import Intake, IntakeLimits
-from daemon.kafka_io import KafkaResultSink, make_consumer, make_producer
+from daemon.kafka_io import (
+    BrokerHealth,
+    KafkaResultSink,
+    RetryingSink,
+    make_consumer,
+    make_producer,
+)
 from daemon.metrics import PipelineMetrics
 from daemon.pipeline import WindowPipeline
 from daemon.policies import AllocationPolicy, ClearPolicy
@@ -88,9 +94,11 @@ async def run_daemon(
         pipeline = WindowPipeline(
             backend, policy, metrics, max_tokens_per_query=settings.max_tokens_per_query
         )
+        health = BrokerHealth()
         daemon = Daemon(
+            broker_health=health,
             consumer=consumer,
-            sink=KafkaResultSink(producer, settings),
+            sink=RetryingSink(KafkaResultSink(producer, settings), health, logger=log),
             pipeline=pipeline,
             ledger=BudgetLedger(settings.tokens_per_second, settings.carry_over_cap_tokens),
             intake=Intake(IntakeLimits(max_prompt_bytes=settings.max_prompt_bytes)),
@@ -125,6 +133,8 @@ def _liveness(daemon: Daemon) -> str | None:
 def _readiness(daemon: Daemon, backend: CompletionBackend) -> str | None:
     if not daemon.state.consuming:
         return "not consuming"
+    if not daemon.broker_health.ok:
+        return f"Kafka broker unreachable ({daemon.broker_health.last_error})"
     ready = getattr(backend, "ready", None)
     if callable(ready) and not ready():
         return "no vLLM endpoint is available (all circuit breakers open)"

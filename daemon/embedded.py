@@ -99,12 +99,20 @@ class EmbeddedBroker:
 
 
 def start_embedded_broker(
-    *, port: int | None = None, log_path: Path | None = None, timeout: float = 30.0
+    *,
+    port: int | None = None,
+    advertised_port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 30.0,
 ) -> EmbeddedBroker:
-    """Start Tansu with in-memory storage on 127.0.0.1 and wait until it accepts connections."""
+    """Start Tansu with in-memory storage on 127.0.0.1 and wait until it accepts connections.
+
+    `advertised_port` makes clients connect elsewhere (e.g. through a proxy) after bootstrap.
+    """
     host = "127.0.0.1"
     port = port or free_loopback_port()
     url = f"tcp://{host}:{port}"
+    advertised = f"tcp://{host}:{advertised_port or port}"
     log = open(log_path, "wb") if log_path else None  # noqa: SIM115 - closed by stop()
     cmd = [
         broker_binary(),
@@ -112,7 +120,7 @@ def start_embedded_broker(
         "--listener-url",
         url,
         "--advertised-listener-url",
-        url,
+        advertised,
         "--storage-engine",
         "memory://tansu/",
     ]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
 from daemon.settings import Settings
@@ -68,6 +71,7 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=settings.kafka_idempotent_producer,
         linger_ms=5,
+        request_timeout_ms=10_000,  # fail fast into RetryingSink's backoff when the broker is gone
         **security_options(settings),
     )
 
@@ -104,3 +108,62 @@ class KafkaResultSink:
         # Queue every send first so the producer batches them, then wait for all acks.
         futures = [await self._producer.send(topic, value, key=key) for key, value in messages]
         await asyncio.gather(*futures)
+
+
+@dataclass
+class BrokerHealth:
+    """Whether the broker answered the last time the daemon needed it (for /readyz)."""
+
+    ok: bool = True
+    last_error: str | None = None
+
+    def down(self, error: BaseException) -> None:
+        self.ok, self.last_error = False, f"{type(error).__name__}: {error}"
+
+    def up(self) -> None:
+        self.ok, self.last_error = True, None
+
+
+class RetryingSink:
+    """Wraps a sink so a broker outage delays publishing instead of losing or failing work:
+    each publish is retried with capped exponential backoff until it lands (or the task is
+    cancelled at shutdown, leaving its offsets uncommitted for a restart to redo)."""
+
+    def __init__(
+        self,
+        inner: ResultSink,
+        health: BrokerHealth,
+        *,
+        max_backoff_s: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self._inner = inner
+        self._health = health
+        self._max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._log = logger or structlog.get_logger("clearbudget.kafka")
+
+    async def publish_results(self, results: Sequence[QueryResult]) -> None:
+        await self._retry("results", lambda: self._inner.publish_results(results))
+
+    async def publish_dead_letters(self, records: Sequence[DeadLetter]) -> None:
+        await self._retry("dead letters", lambda: self._inner.publish_dead_letters(records))
+
+    async def publish_window(self, report: WindowReport) -> None:
+        await self._retry("window report", lambda: self._inner.publish_window(report))
+
+    async def _retry(self, what: str, publish: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await publish()
+            except KafkaError as exc:
+                if self._health.ok:
+                    self._log.warning("publish_retrying", what=what, error=str(exc))
+                self._health.down(exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, self._max_backoff_s)
+                continue
+            self._health.up()
+            return

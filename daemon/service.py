@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from daemon.budget import BudgetLedger
 from daemon.intake import Intake, Rejection
-from daemon.kafka_io import ResultSink
+from daemon.kafka_io import BrokerHealth, ResultSink
 from daemon.metrics import PipelineMetrics
 from daemon.offsets import OffsetTracker, PartitionKey
 from daemon.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, unserved_results
@@ -27,6 +28,8 @@ from daemon.windowing import Window, WindowAssembler
 from schemas.messages import Status
 
 POLL_TIMEOUT_MS = 100
+BROKER_CHECK_INTERVAL_S = 5.0
+BROKER_CHECK_TIMEOUT_S = 3.0
 COMMIT_INTERVAL_S = 0.5
 MAX_RECORDS_PER_POLL = 2000
 
@@ -67,8 +70,11 @@ class Daemon:
         shutdown_deadline_s: float = 25.0,
         clock: Callable[[], float] = time.monotonic,
         logger: structlog.typing.FilteringBoundLogger | None = None,
+        broker_health: BrokerHealth | None = None,
     ) -> None:
         self._consumer = consumer
+        self.broker_health = broker_health or BrokerHealth()
+        self._last_broker_check = 0.0
         self._sink = sink
         self._pipeline = pipeline
         self._ledger = ledger
@@ -105,9 +111,17 @@ class Daemon:
 
     async def _poll_once(self) -> None:
         self._apply_backpressure()
-        batch = await self._consumer.getmany(
-            timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL
-        )
+        try:
+            # Bounded: without a group coordinator aiokafka's getmany can wait for an assignment
+            # indefinitely, and this loop must keep checking the broker and committing.
+            batch = await asyncio.wait_for(
+                self._consumer.getmany(
+                    timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL
+                ),
+                POLL_TIMEOUT_MS / 1000 + BROKER_CHECK_TIMEOUT_S,
+            )
+        except TimeoutError:
+            batch = {}
         self.state.last_poll_at = self._clock()
         rejections: list[Rejection] = []
         for tp, records in batch.items():
@@ -121,6 +135,21 @@ class Daemon:
         self._metrics.queue_depth.set(self._assembler.pending)
         self._metrics.in_flight.set(self._offsets.in_flight())
         await self._maybe_commit()
+        await self._maybe_check_broker()
+
+    async def _maybe_check_broker(self) -> None:
+        """`getmany` hides a lost broker (it just returns nothing): ask for metadata now and
+        then, so /readyz turns red during an outage and green when the broker is back."""
+        now = self._clock()
+        if now - self._last_broker_check < BROKER_CHECK_INTERVAL_S:
+            return
+        self._last_broker_check = now
+        try:
+            await asyncio.wait_for(self._consumer.topics(), BROKER_CHECK_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            self.broker_health.down(exc)
+        else:
+            self.broker_health.up()
 
     def _apply_backpressure(self) -> None:
         full = self._windows.full()
@@ -240,7 +269,14 @@ class Daemon:
         positions = {k: v for k, v in positions.items() if TopicPartition(*k) in assigned}
         if not positions:
             return
-        await self._consumer.commit({TopicPartition(*k): v for k, v in positions.items()})
+        offsets = {TopicPartition(*k): v for k, v in positions.items()}
+        try:
+            # Bounded: aiokafka would otherwise wait for a coordinator for as long as it is gone.
+            await asyncio.wait_for(self._consumer.commit(offsets), BROKER_CHECK_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:  # the next interval tries again
+            self.broker_health.down(exc)
+            self._log.warning("commit_failed", error=str(exc))
+            return
         self._offsets.mark_committed(positions)
 
     def on_assignment(self, assigned: set[TopicPartition]) -> None:

@@ -23,7 +23,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.embedded import EmbeddedBroker, free_loopback_port, stop_process, wait_for_port
+from daemon.embedded import (
+    EmbeddedBroker,
+    free_loopback_port,
+    start_embedded_broker,
+    stop_process,
+    wait_for_port,
+)
 from schemas.messages import QueryResult
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -362,3 +368,70 @@ def read_all_values(cluster: Cluster, topic: str, want: int, timeout_s: float = 
         return values
 
     return asyncio.run(read())
+
+
+def start_proxy(listen: int, target: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.tcp_proxy", str(listen), str(target)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for_port("127.0.0.1", listen, 30, process)
+    return process
+
+
+def http_status(port: int, path: str) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).status_code
+
+
+def test_broker_outage_not_ready_then_resumes(shared_data: Path, tmp_path: Path) -> None:
+    """The broker is cut off (a proxy in front of it dies): the daemon reports not-ready, keeps
+    running, and once the broker is reachable again publishes everything it owed."""
+    proxy_port, broker_port = free_loopback_port(), free_loopback_port()
+    broker = start_embedded_broker(port=broker_port, advertised_port=proxy_port)
+    proxy = start_proxy(proxy_port, broker_port)
+    sim_port = free_loopback_port()
+    simulator = start_simulator(shared_data / "rollouts.jsonl", sim_port, tmp_path / "sim.log")
+    bootstrap = f"127.0.0.1:{proxy_port}"
+    cluster = Cluster(bootstrap, f"http://127.0.0.1:{sim_port}", tmp_path,
+                      ("out.queries", "out.results", "out.dlq"), "outage")  # fmt: skip
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(t, 2, 1) for t in cluster.topics])
+        finally:
+            await admin.close()
+
+    daemon = None
+    try:
+        asyncio.run(create())
+        daemon, port = cluster.start_daemon("outage")
+        assert http_status(port, "/readyz") == 200
+        before = [f"o{i:04d}" for i in range(300)]
+        produce(cluster, before, seconds=1.0)
+        # Cut the broker off while those queries' windows are still open or publishing.
+        stop_process(proxy, 10)
+        deadline = time.monotonic() + 30
+        while http_status(port, "/readyz") == 200:
+            assert time.monotonic() < deadline, "/readyz stayed green without a broker"
+            time.sleep(0.5)
+        time.sleep(3.0)  # a few retry rounds
+        assert daemon.poll() is None, "the daemon crashed during the outage"
+        assert http_status(port, "/healthz") == 200
+
+        proxy = start_proxy(proxy_port, broker_port)
+        deadline = time.monotonic() + 60
+        while http_status(port, "/readyz") != 200:
+            assert time.monotonic() < deadline, "/readyz never turned green again"
+            time.sleep(0.5)
+        after = [f"p{i:04d}" for i in range(300)]
+        produce(cluster, after, seconds=1.0)
+        counts = read_results(cluster, set(before + after))
+        assert set(before + after) <= counts.keys(), "queries lost across the outage"
+    finally:
+        if daemon is not None:
+            stop_process(daemon, 40)
+        for process in (proxy, simulator):
+            stop_process(process, 10)
+        broker.stop()

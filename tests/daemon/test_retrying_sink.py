@@ -1,0 +1,45 @@
+"""A broker outage delays publishing; it neither loses results nor raises into the window."""
+
+from __future__ import annotations
+
+from aiokafka.errors import KafkaConnectionError
+
+from daemon.kafka_io import BrokerHealth, RetryingSink
+from schemas.messages import DeadLetter, QueryResult, Status, WindowReport
+
+
+class FlakySink:
+    """Fails its first `failures` publishes (an error-path double for the Kafka sink)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.published: list[QueryResult] = []
+
+    async def publish_results(self, results: list[QueryResult]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("broker gone")
+        self.published += results
+
+    async def publish_dead_letters(self, records: list[DeadLetter]) -> None: ...
+
+    async def publish_window(self, report: WindowReport) -> None: ...
+
+
+async def test_publish_retries_with_backoff_until_the_broker_is_back() -> None:
+    inner, health, sleeps = FlakySink(failures=5), BrokerHealth(), []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        assert not health.ok  # readiness is red while retrying
+
+    sink = RetryingSink(inner, health, max_backoff_s=1.0, sleep=fake_sleep)
+    result = QueryResult(
+        id="q1", status=Status.ABANDONED, tokens_used=0, tokens_probe=0, allocated_tokens=0,
+        shadow_price=0.5, window_id="w-1",
+    )  # fmt: skip
+    await sink.publish_results([result])
+    assert inner.published == [result]
+    assert sleeps == [0.1, 0.2, 0.4, 0.8, 1.0]  # doubling, capped
+    assert health.ok
+    assert health.last_error is None
