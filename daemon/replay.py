@@ -7,7 +7,6 @@ counts every generated token (probes included) identically for clear, uniform an
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -213,8 +212,4 @@ def score(
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return float(np.percentile(values, q)) if q != 50 else statistics.median(values)
+    return float(np.percentile(values, q)) if values else 0.0
