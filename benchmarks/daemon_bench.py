@@ -59,7 +59,9 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return float("nan")
 
 
-async def run_mode(mode: str, args: argparse.Namespace, bootstrap: str, sim_url: str) -> dict:
+async def run_mode(
+    mode: str, args: argparse.Namespace, bootstrap: str, sim_url: str, peers: dict[str, int]
+) -> dict:
     run_id = f"{mode}-{int(time.time() * 1000)}"
     topics = [f"bench.{run_id}.{t}" for t in ("queries", "results", "dlq")]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -79,7 +81,7 @@ async def run_mode(mode: str, args: argparse.Namespace, bootstrap: str, sim_url:
         "CLEAR_TOKENS_PER_SECOND": "1" if mode == "priced-out" else str(args.tokens_per_second),
         "CLEAR_WINDOW_SECONDS": str(args.window_seconds),
         "CLEAR_WINDOW_MAX_QUERIES": str(args.window_max_queries),
-        "CLEAR_ENDPOINT_CONCURRENCY": "256",
+        "CLEAR_ENDPOINT_CONCURRENCY": str(args.endpoint_concurrency),
         "CLEAR_HTTP_PORT": str(http_port),
         "CLEAR_LOG_LEVEL": "WARNING",
     }
@@ -102,7 +104,9 @@ async def run_mode(mode: str, args: argparse.Namespace, bootstrap: str, sim_url:
             await reader.start()
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
             await producer.start()
-            cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
+            processes = {"daemon": daemon.pid, **peers}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            t0 = time.perf_counter()
             for value in values:
                 await producer.send(topics[0], value)
             await producer.flush()
@@ -114,7 +118,7 @@ async def run_mode(mode: str, args: argparse.Namespace, bootstrap: str, sim_url:
                 if time.perf_counter() - t0 > args.timeout:
                     raise TimeoutError(f"{mode}: {seen}/{args.queries} results in time")
             elapsed = time.perf_counter() - t0
-            cpu = cpu_seconds(daemon.pid) - cpu0
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in processes.items()}
             await producer.stop()
             await reader.stop()
             metrics = (await client.get("/metrics")).text
@@ -123,7 +127,11 @@ async def run_mode(mode: str, args: argparse.Namespace, bootstrap: str, sim_url:
             "queries": args.queries,
             "queries_per_second": args.queries / elapsed,
             "produce_seconds": produced_s,
-            "daemon_cpu_ms_per_query": cpu / args.queries * 1e3,
+            "daemon_cpu_ms_per_query": cpu["daemon"] / args.queries * 1e3,
+            # Busy share of one core per process: near 100% marks the bottleneck (each process
+            # runs one event loop), and 1 / (CPU per query) is what that process could sustain.
+            "cpu_busy_percent": {name: 100 * c / elapsed for name, c in cpu.items()},
+            "daemon_capacity_queries_per_second": args.queries / cpu["daemon"],
             "daemon_peak_rss_mib": peak_rss_mib(daemon.pid),
             "window_p50_s": histogram_quantile(metrics, "clear_window_seconds", 0.5),
             "window_p99_s": histogram_quantile(metrics, "clear_window_seconds", 0.99),
@@ -144,7 +152,8 @@ async def main(args: argparse.Namespace) -> list[dict]:
     try:
         wait_for_port("127.0.0.1", sim_port, 60, simulator)
         sim_url = f"http://127.0.0.1:{sim_port}"
-        return [await run_mode(m, args, broker.bootstrap, sim_url) for m in args.modes]
+        peers = {"simulator": simulator.pid, "broker": broker.process.pid}
+        return [await run_mode(m, args, broker.bootstrap, sim_url, peers) for m in args.modes]
     finally:
         simulator.terminate()
         simulator.wait(30)
@@ -158,6 +167,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--window-seconds", type=float, default=2.0)
     parser.add_argument("--tokens-per-second", type=float, default=2_000_000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--endpoint-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--modes", nargs="+", default=["priced-out", "full"])
     return parser.parse_args()
@@ -166,11 +176,17 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     rows = asyncio.run(main(arguments))
-    print(f"{'mode':<11} {'q/s':>8} {'cpu ms/q':>9} {'rss MiB':>8} {'win p50 s':>9} {'p99 s':>7}")
+    print(
+        f"{'mode':<11} {'q/s':>7} {'cpu ms/q':>9} {'capacity':>9} {'rss MiB':>8} "
+        f"{'win p50 s':>9} {'p99 s':>6}  busy % of one core (daemon/simulator/broker)"
+    )
     for row in rows:
+        busy = row["cpu_busy_percent"]
         print(
-            f"{row['mode']:<11} {row['queries_per_second']:>8.0f} "
-            f"{row['daemon_cpu_ms_per_query']:>9.3f} {row['daemon_peak_rss_mib']:>8.0f} "
-            f"{row['window_p50_s']:>9.3g} {row['window_p99_s']:>7.3g}"
+            f"{row['mode']:<11} {row['queries_per_second']:>7.0f} "
+            f"{row['daemon_cpu_ms_per_query']:>9.3f} "
+            f"{row['daemon_capacity_queries_per_second']:>9.0f} {row['daemon_peak_rss_mib']:>8.0f} "
+            f"{row['window_p50_s']:>9.3g} {row['window_p99_s']:>6.3g}  "
+            f"{busy['daemon']:.0f} / {busy['simulator']:.0f} / {busy['broker']:.0f}"
         )
     print(json.dumps(rows, indent=2))

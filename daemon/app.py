@@ -53,7 +53,7 @@ def configure_logging(level: str) -> None:
 
 def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
     api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
-    return VllmPool.create(
+    return VllmPool(
         settings.vllm_endpoints,
         model=settings.model,
         registry=registry,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from array import array
 from collections import OrderedDict
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import aiohttp
+import yarl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon.backend import BackendError, Completion, FinishReason, Sample
@@ -134,6 +136,7 @@ class CircuitBreaker:
 @dataclass(eq=False)
 class _Endpoint:
     base_url: str
+    completions_url: yarl.URL
     label: str
     semaphore: asyncio.Semaphore
     breaker: CircuitBreaker
@@ -200,9 +203,12 @@ class _PoolMetrics:
 class VllmPool:
     """`CompletionBackend` over one or more vLLM OpenAI-compatible servers.
 
-    The httpx client is injected and not closed by `aclose()` (use `VllmPool.create` for a pool
-    that owns a keep-alive client sized to the pool). Metrics register on `registry`, so one
-    registry holds at most one pool.
+    The pool owns an aiohttp session (HTTP/1.1 keep-alive, a connection per concurrency slot),
+    opened on the first request inside the running loop and closed by `aclose()`. aiohttp rather
+    than httpx: on the daemon's hot path httpx cost 1-2 ms of CPU per request through its own
+    connection pool (it polls every idle pooled socket on each request) and about 0.2 ms over
+    aiohttp's pool, against about 0.1 ms for aiohttp alone (benchmarks/RESULTS.md, "Daemon").
+    Metrics register on `registry`, so one registry holds at most one pool.
     """
 
     def __init__(
@@ -210,7 +216,6 @@ class VllmPool:
         endpoints: Sequence[str],
         *,
         model: str,
-        client: httpx.AsyncClient,
         registry: CollectorRegistry,
         api_key: str | None = None,
         max_concurrency_per_endpoint: int = 32,
@@ -224,7 +229,6 @@ class VllmPool:
         affinity_entries: int = 65536,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        owns_client: bool = False,
     ) -> None:
         _check_pool_arguments(
             endpoints,
@@ -240,6 +244,7 @@ class VllmPool:
         self._endpoints = [
             _Endpoint(
                 base_url=url.rstrip("/"),
+                completions_url=yarl.URL(url.rstrip("/") + "/v1/completions"),
                 label=_redact(url.rstrip("/")),
                 semaphore=asyncio.Semaphore(max_concurrency_per_endpoint),
                 breaker=CircuitBreaker(breaker_settings, clock),
@@ -247,12 +252,11 @@ class VllmPool:
             for url in endpoints
         ]
         self._model = model
-        self._client = client
-        self._owns_client = owns_client
+        self._session: aiohttp.ClientSession | None = None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_concurrency = max_concurrency_per_endpoint
-        self._timeout = httpx.Timeout(
-            request_timeout_s, connect=min(connect_timeout_s, request_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=request_timeout_s, sock_connect=min(connect_timeout_s, request_timeout_s)
         )
         self._max_attempts = max_attempts
         self._temperature = temperature
@@ -265,31 +269,6 @@ class VllmPool:
         self._turn = 0
         self._closed = False
         self._metrics = _PoolMetrics.create(registry, self._endpoints)
-
-    @classmethod
-    def create(
-        cls,
-        endpoints: Sequence[str],
-        *,
-        model: str,
-        registry: CollectorRegistry,
-        max_concurrency_per_endpoint: int = 32,
-        **options: Any,
-    ) -> VllmPool:
-        """A pool owning an HTTP/1.1 keep-alive client with a connection per concurrency slot."""
-        slots = max(1, len(endpoints)) * max_concurrency_per_endpoint
-        client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        )
-        return cls(
-            endpoints,
-            model=model,
-            client=client,
-            registry=registry,
-            max_concurrency_per_endpoint=max_concurrency_per_endpoint,
-            owns_client=True,
-            **options,
-        )
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -304,10 +283,10 @@ class VllmPool:
         return not self._closed and any(ep.breaker.available() for ep in self._endpoints)
 
     async def aclose(self) -> None:
-        """Refuse new requests; close the HTTP client if this pool created it."""
+        """Refuse new requests and close the HTTP session."""
         self._closed = True
-        if self._owns_client:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def complete(
         self,
@@ -424,8 +403,8 @@ class VllmPool:
     async def _send(self, ep: _Endpoint, body: dict[str, Any]) -> Completion:
         started = self._clock()
         try:
-            response = await self._post(ep, body)
-            completion = self._interpret(ep, response, n=body["n"])
+            status, payload = await self._post(ep, body)
+            completion = self._interpret(ep, status, payload, n=body["n"])
         except _RetryableError as exc:
             self._count(ep, exc.outcome)
             raise
@@ -437,33 +416,40 @@ class VllmPool:
         self._count(ep, "ok")
         return completion
 
-    async def _post(self, ep: _Endpoint, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, ep: _Endpoint, body: dict[str, Any]) -> tuple[int, bytes]:
+        """Status and body of one POST; time-outs and lost connections are retryable."""
         try:
-            return await self._client.post(
-                f"{ep.base_url}/v1/completions",
-                json=body,
-                headers=self._headers,
-                timeout=self._timeout,
-            )
-        except httpx.TimeoutException as exc:
+            async with self._http().post(
+                ep.completions_url, json=body, headers=self._headers, timeout=self._timeout
+            ) as response:
+                return response.status, await response.read()
+        except TimeoutError as exc:  # aiohttp's own time-outs are TimeoutErrors too
             raise _RetryableError("timeout", f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise _RetryableError("transport", f"{type(exc).__name__}: {exc}") from exc
 
-    def _interpret(self, ep: _Endpoint, response: httpx.Response, *, n: int) -> Completion:
-        status = response.status_code
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            slots = len(self._endpoints) * self._max_concurrency
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=slots, limit_per_host=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    def _interpret(self, ep: _Endpoint, status: int, payload: bytes, *, n: int) -> Completion:
         if status == 429 or status >= 500:
             outcome = "http_429" if status == 429 else "http_5xx"
-            raise _RetryableError(outcome, f"HTTP {status}: {_error_message(response)}")
+            raise _RetryableError(outcome, f"HTTP {status}: {_error_message(payload)}")
         if status >= 400:
             raise BackendRequestError(
-                f"{ep.label} rejected the request (HTTP {status}): {_error_message(response)}",
+                f"{ep.label} rejected the request (HTTP {status}): {_error_message(payload)}",
                 status_code=status,
             )
         if status != 200:
             raise _RetryableError("bad_response", f"unexpected HTTP {status}")
         try:
-            return _parse_completion(response.json(), n=n)
+            return _parse_completion(json.loads(payload), n=n)
         except (ValueError, KeyError, TypeError) as exc:
             raise _RetryableError("bad_response", f"malformed completion: {exc}") from exc
 
@@ -547,10 +533,10 @@ def _sequence_key(sequence: str | Sequence[int]) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(payload: bytes) -> str:
     """The server's own error message (vLLM: {"error": {"message": ...}}), else the body."""
     try:
-        data = response.json()
+        data = json.loads(payload)
     except ValueError:
         data = None
     message: object = None
@@ -558,7 +544,7 @@ def _error_message(response: httpx.Response) -> str:
         error = data.get("error")
         message = error.get("message") if isinstance(error, dict) else error
         message = message or data.get("message") or data.get("detail")
-    text = str(message) if message else response.text
+    text = str(message) if message else payload.decode("utf-8", "replace")
     return text[:_MAX_ERROR_CHARS] or "(empty body)"
 
 

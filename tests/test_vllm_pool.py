@@ -1,22 +1,40 @@
-"""The vLLM pool: routing, retries, circuit breakers and metrics over `httpx.MockTransport`."""
+"""The vLLM pool: routing, retries, circuit breakers and metrics, against two stand-in pods.
+
+The pods are real aiohttp servers on loopback whose answers each test scripts, so the pool's own
+HTTP client, connection handling and time-outs are what is exercised.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from daemon.backend import BackendError
+from daemon.embedded import free_loopback_port
 from daemon.vllm_pool import BackendRequestError, BreakerSettings, VllmPool
 
-A = "http://pod-a:8000"
-B = "http://pod-b:8000"
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+A = "http://pod-a:8000"  # for argument checks only: nothing is sent there
+
+
+@dataclass
+class Sent:
+    """One request as a pod received it."""
+
+    pod: str
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: dict[str, Any]
+    request: web.Request
+
+
+Responder = Callable[[Sent], Awaitable[web.StreamResponse]]
 
 
 class FakeClock:
@@ -27,23 +45,53 @@ class FakeClock:
         return self.now
 
 
-class Recorder:
-    """Serves requests through `respond(request)` and records what was sent where."""
+class Pods:
+    """Two pods (`a`, `b`) that record every request and answer through `respond`."""
 
-    def __init__(self, respond: Handler) -> None:
-        self.respond = respond
-        self.requests: list[httpx.Request] = []
+    def __init__(self) -> None:
+        self.respond: Responder = ok
+        self.requests: list[Sent] = []
+        self._runners: list[web.AppRunner] = []
+        self.a = self.b = ""
+
+    async def start(self) -> None:
+        self.a, self.b = [await self._serve() for _ in range(2)]
+
+    async def _serve(self) -> str:
+        port = free_loopback_port()
+        url = f"http://127.0.0.1:{port}"
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            sent = Sent(url, request.path, request.headers, await request.json(), request)
+            self.requests.append(sent)
+            return await self.respond(sent)
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self._runners.append(runner)
+        return url
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
 
     @property
     def hosts(self) -> list[str]:
-        return [f"http://{r.url.host}:{r.url.port}" for r in self.requests]
+        return [sent.pod for sent in self.requests]
 
     def body(self, i: int = -1) -> dict[str, Any]:
-        return json.loads(self.requests[i].content)
+        return self.requests[i].body
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return await self.respond(request)
+
+@pytest.fixture
+async def pods() -> AsyncIterator[Pods]:
+    running = Pods()
+    await running.start()
+    yield running
+    await running.stop()
 
 
 def completion_json(body: dict[str, Any], *, token_ids: bool = True) -> dict[str, Any]:
@@ -65,29 +113,35 @@ def completion_json(body: dict[str, Any], *, token_ids: bool = True) -> dict[str
     return {"choices": choices[::-1], "usage": usage}  # order by "index", not position
 
 
-async def ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json=completion_json(json.loads(request.content)))
+async def ok(sent: Sent) -> web.StreamResponse:
+    return web.json_response(completion_json(sent.body))
 
 
-def by_host(**responders: Handler) -> Handler:
-    async def respond(request: httpx.Request) -> httpx.Response:
-        return await responders[request.url.host.replace("-", "_")](request)
-
-    return respond
-
-
-def status(code: int, message: str = "boom") -> Handler:
-    async def respond(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(code, json={"error": {"message": message, "code": code}})
+def by_pod(pods: Pods, *, a: Responder, b: Responder) -> Responder:
+    async def respond(sent: Sent) -> web.StreamResponse:
+        return await (a if sent.pod == pods.a else b)(sent)
 
     return respond
 
 
-def raising(exc_type: type[httpx.TransportError]) -> Handler:
-    async def respond(request: httpx.Request) -> httpx.Response:
-        raise exc_type("simulated", request=request)
+def status(code: int, message: str = "boom") -> Responder:
+    async def respond(sent: Sent) -> web.StreamResponse:
+        return web.json_response({"error": {"message": message, "code": code}}, status=code)
 
     return respond
+
+
+async def hang(sent: Sent) -> web.StreamResponse:
+    """Never answers (the server cancels it at teardown): the pool's time-out must fire."""
+    await asyncio.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+async def hang_up(sent: Sent) -> web.StreamResponse:
+    """Drops the connection without an answer, as a pod that crashes mid-request."""
+    assert sent.request.transport is not None
+    sent.request.transport.close()
+    return web.Response()
 
 
 class Sleeps:
@@ -99,26 +153,24 @@ class Sleeps:
 
 
 def make_pool(
-    recorder: Recorder,
+    pods: Pods,
     registry: CollectorRegistry,
-    endpoints: tuple[str, ...] = (A, B),
+    endpoints: tuple[str, ...] | None = None,
     **options: Any,
 ) -> VllmPool:
     options.setdefault("clock", FakeClock())
     options.setdefault("sleep", Sleeps())
-    client = httpx.AsyncClient(transport=httpx.MockTransport(recorder))
-    return VllmPool(endpoints, model="m", client=client, registry=registry, **options)
+    return VllmPool(endpoints or (pods.a, pods.b), model="m", registry=registry, **options)
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_request_body_and_parsed_completion(registry: CollectorRegistry) -> None:
-    recorder = Recorder(ok)
-    pool = make_pool(recorder, registry, (A,), api_key="k3y", temperature=0.3)
+async def test_request_body_and_parsed_completion(pods: Pods, registry: CollectorRegistry) -> None:
+    pool = make_pool(pods, registry, (pods.a,), api_key="k3y", temperature=0.3)
     completion = await pool.complete("hi", n=3, max_tokens=16, seed=5)
-    assert recorder.body() == {
+    assert pods.body() == {
         "model": "m",
         "prompt": "hi",
         "n": 3,
@@ -127,141 +179,179 @@ async def test_request_body_and_parsed_completion(registry: CollectorRegistry) -
         "temperature": 0.3,
         "return_token_ids": True,
     }
-    assert recorder.requests[0].url.path == "/v1/completions"
-    assert recorder.requests[0].headers["authorization"] == "Bearer k3y"
+    assert pods.requests[0].path == "/v1/completions"
+    assert pods.requests[0].headers["authorization"] == "Bearer k3y"
     assert [s.finish_reason for s in completion.samples] == ["stop", "stop", "length"]
     assert [s.completion_tokens for s in completion.samples] == [1, 2, 3]
     assert completion.samples[1].token_ids == (101, 101)
     assert completion.prompt_token_ids == (7, 8, 9)
     assert (completion.prompt_tokens, completion.completion_tokens) == (3, 6)
+    await pool.aclose()
 
 
-async def test_token_id_prompt_is_sent_as_a_list(registry: CollectorRegistry) -> None:
-    recorder = Recorder(ok)
-    pool = make_pool(recorder, registry, (A,))
+async def test_token_id_prompt_is_sent_as_a_list(pods: Pods, registry: CollectorRegistry) -> None:
+    pool = make_pool(pods, registry, (pods.a,))
     completion = await pool.complete((5, 6, 7, 8), n=1, max_tokens=4)
-    assert recorder.body()["prompt"] == [5, 6, 7, 8]
-    assert "seed" not in recorder.body()
+    assert pods.body()["prompt"] == [5, 6, 7, 8]
+    assert "seed" not in pods.body()
     assert completion.prompt_token_ids == (5, 6, 7, 8)
+    await pool.aclose()
 
 
 async def test_without_token_ids_per_sample_counts_are_unknown(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
-    async def plain(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            200, json=completion_json(json.loads(request.content), token_ids=False)
-        )
+    async def plain(sent: Sent) -> web.StreamResponse:
+        return web.json_response(completion_json(sent.body, token_ids=False))
 
-    pool = make_pool(Recorder(plain), registry, (A,))
+    pods.respond = plain
+    pool = make_pool(pods, registry, (pods.a,))
     completion = await pool.complete("hi", n=2, max_tokens=4)
     assert [s.completion_tokens for s in completion.samples] == [None, None]
     assert [s.token_ids for s in completion.samples] == [None, None]
     assert completion.prompt_token_ids is None
     assert completion.completion_tokens == 3
+    await pool.aclose()
 
 
-async def test_server_error_is_retried_on_another_endpoint(registry: CollectorRegistry) -> None:
-    recorder = Recorder(by_host(pod_a=status(500), pod_b=ok))
-    pool = make_pool(recorder, registry)
+async def test_server_error_is_retried_on_another_endpoint(
+    pods: Pods, registry: CollectorRegistry
+) -> None:
+    pods.respond = by_pod(pods, a=status(500), b=ok)
+    pool = make_pool(pods, registry)
     for _ in range(2):  # whichever endpoint goes first, the answer comes from B
         completion = await pool.complete("hi", n=1, max_tokens=4)
         assert completion.samples[0].finish_reason == "length"
-    assert recorder.hosts.count(A) == 1  # one failure, then least-outstanding tie → B, B
-    assert recorder.hosts[-1] == B
-    assert metric(registry, "clear_backend_errors_total", endpoint=A) == 1
-    assert metric(registry, "clear_backend_errors_total", endpoint=B) == 0
-    assert metric(registry, "clear_backend_requests_total", endpoint=A, outcome="http_5xx") == 1
-    assert metric(registry, "clear_backend_requests_total", endpoint=B, outcome="ok") == 2
+    assert pods.hosts.count(pods.a) == 1  # one failure, then least-outstanding tie → B, B
+    assert pods.hosts[-1] == pods.b
+    assert metric(registry, "clear_backend_errors_total", endpoint=pods.a) == 1
+    assert metric(registry, "clear_backend_errors_total", endpoint=pods.b) == 0
+    assert (
+        metric(registry, "clear_backend_requests_total", endpoint=pods.a, outcome="http_5xx") == 1
+    )
+    assert metric(registry, "clear_backend_requests_total", endpoint=pods.b, outcome="ok") == 2
+    await pool.aclose()
 
 
 @pytest.mark.parametrize(
     ("failure", "outcome"),
-    [
-        (raising(httpx.ReadTimeout), "timeout"),
-        (raising(httpx.ConnectError), "transport"),
-        (status(429, "slow down"), "http_429"),
-    ],
+    [(hang, "timeout"), (hang_up, "transport"), (status(429, "slow down"), "http_429")],
 )
-async def test_timeouts_connect_errors_and_429_fail_over(
-    registry: CollectorRegistry, failure: Handler, outcome: str
+async def test_timeouts_dropped_connections_and_429_fail_over(
+    pods: Pods, registry: CollectorRegistry, failure: Responder, outcome: str
 ) -> None:
-    recorder = Recorder(by_host(pod_a=failure, pod_b=ok))
-    pool = make_pool(recorder, registry)
+    pods.respond = by_pod(pods, a=failure, b=ok)
+    pool = make_pool(pods, registry, request_timeout_s=0.2)
     await pool.complete("hi", n=1, max_tokens=4)
     await pool.complete("hi", n=1, max_tokens=4)
-    assert recorder.hosts.count(A) == 1
-    assert metric(registry, "clear_backend_requests_total", endpoint=A, outcome=outcome) == 1
+    assert pods.hosts.count(pods.a) == 1
+    assert metric(registry, "clear_backend_requests_total", endpoint=pods.a, outcome=outcome) == 1
+    await pool.aclose()
+
+
+async def test_refused_connection_fails_over(pods: Pods, registry: CollectorRegistry) -> None:
+    down = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens there
+    pool = make_pool(pods, registry, (down, pods.a))
+    for _ in range(2):
+        await pool.complete("hi", n=1, max_tokens=4)
+    assert pods.hosts == [pods.a, pods.a]
+    assert metric(registry, "clear_backend_requests_total", endpoint=down, outcome="transport") == 1
+    await pool.aclose()
 
 
 async def test_client_error_is_not_retried_and_carries_the_message(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
-    recorder = Recorder(status(400, "max_tokens=5000 cannot be greater than max_model_len"))
-    pool = make_pool(recorder, registry)
+    pods.respond = status(400, "max_tokens=5000 cannot be greater than max_model_len")
+    pool = make_pool(pods, registry)
     with pytest.raises(BackendRequestError, match="max_model_len") as info:
         await pool.complete("hi", n=1, max_tokens=5000)
     assert info.value.status_code == 400
-    assert len(recorder.requests) == 1
-    endpoint = recorder.hosts[0]
+    assert len(pods.requests) == 1
+    endpoint = pods.hosts[0]
     assert metric(registry, "clear_backend_errors_total", endpoint=endpoint) == 1
     assert pool.breaker_states()[endpoint] == "closed"
+    await pool.aclose()
+
+
+async def test_error_body_that_is_not_json_is_quoted(
+    pods: Pods, registry: CollectorRegistry
+) -> None:
+    async def proxy_page(sent: Sent) -> web.StreamResponse:
+        return web.Response(status=413, text="request entity too large")
+
+    pods.respond = proxy_page
+    pool = make_pool(pods, registry, (pods.a,))
+    with pytest.raises(BackendRequestError, match=r"HTTP 413.*request entity too large"):
+        await pool.complete("hi", n=1, max_tokens=4)
+    await pool.aclose()
 
 
 async def test_all_endpoints_down_raises_backend_error_after_all_attempts(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
-    recorder = Recorder(by_host(pod_a=status(503, "draining"), pod_b=raising(httpx.ConnectError)))
+    pods.respond = by_pod(pods, a=status(503, "draining"), b=hang_up)
     sleeps = Sleeps()
-    pool = make_pool(recorder, registry, max_attempts=3, sleep=sleeps, retry_backoff_s=0.5)
+    pool = make_pool(pods, registry, max_attempts=3, sleep=sleeps, retry_backoff_s=0.5)
     with pytest.raises(BackendError, match="after 3 attempt") as info:
         await pool.complete("hi", n=1, max_tokens=4)
     assert not isinstance(info.value, BackendRequestError)
     assert "draining" in str(info.value)
-    assert "ConnectError" in str(info.value)
-    assert sorted(recorder.hosts[:2]) == [A, B]  # both endpoints before any is reused
+    assert "ServerDisconnectedError" in str(info.value)
+    assert sorted(pods.hosts[:2]) == sorted([pods.a, pods.b])  # both before any is reused
     assert sleeps.calls == [0.5]  # backoff only before reusing an endpoint
-    total = sum(metric(registry, "clear_backend_errors_total", endpoint=e) for e in (A, B))
+    total = sum(
+        metric(registry, "clear_backend_errors_total", endpoint=e) for e in (pods.a, pods.b)
+    )
     assert total == 3
+    await pool.aclose()
 
 
-async def test_malformed_response_is_retried(registry: CollectorRegistry) -> None:
-    async def aborted(request: httpx.Request) -> httpx.Response:
-        body = completion_json(json.loads(request.content))
+async def test_malformed_response_is_retried(pods: Pods, registry: CollectorRegistry) -> None:
+    async def aborted(sent: Sent) -> web.StreamResponse:
+        body = completion_json(sent.body)
         body["choices"][0]["finish_reason"] = "abort"
-        return httpx.Response(200, json=body)
+        return web.json_response(body)
 
-    recorder = Recorder(by_host(pod_a=aborted, pod_b=ok))
-    pool = make_pool(recorder, registry)
-    await pool.complete("hi", n=1, max_tokens=4)
-    await pool.complete("hi", n=1, max_tokens=4)
-    assert metric(registry, "clear_backend_requests_total", endpoint=A, outcome="bad_response") == 1
+    async def truncated(sent: Sent) -> web.StreamResponse:
+        return web.Response(text='{"choices": [', content_type="application/json")
+
+    for bad in (aborted, truncated):
+        registry = CollectorRegistry()
+        pods.respond = by_pod(pods, a=bad, b=ok)
+        pool = make_pool(pods, registry)
+        await pool.complete("hi", n=1, max_tokens=4)
+        await pool.complete("hi", n=1, max_tokens=4)
+        outcome = "bad_response"
+        assert metric(registry, "clear_backend_requests_total", endpoint=pods.a, outcome=outcome)
+        await pool.aclose()
 
 
 async def test_breaker_opens_half_opens_and_closes_on_the_clock(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
     healthy = False
 
-    async def flaky(request: httpx.Request) -> httpx.Response:
-        return await (ok(request) if healthy else status(502)(request))
+    async def flaky(sent: Sent) -> web.StreamResponse:
+        return await (ok(sent) if healthy else status(502)(sent))
 
     clock = FakeClock()
-    recorder = Recorder(flaky)
+    pods.respond = flaky
     breaker = BreakerSettings(failure_threshold=2, cooldown_s=10.0)
-    pool = make_pool(recorder, registry, (A,), breaker=breaker, clock=clock, max_attempts=1)
-    state = lambda: metric(registry, "clear_backend_breaker_state", endpoint=A)  # noqa: E731
+    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
+    a = pods.a
+    state = lambda: metric(registry, "clear_backend_breaker_state", endpoint=a)  # noqa: E731
 
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
-    assert pool.breaker_states() == {A: "closed"}
+    assert pool.breaker_states() == {a: "closed"}
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
-    assert (pool.breaker_states(), state(), pool.ready()) == ({A: "open"}, 2.0, False)
+    assert (pool.breaker_states(), state(), pool.ready()) == ({a: "open"}, 2.0, False)
 
     with pytest.raises(BackendError, match="no usable endpoint"):
         await pool.complete("hi", n=1, max_tokens=4)
-    assert len(recorder.requests) == 2  # an open breaker sends nothing
+    assert len(pods.requests) == 2  # an open breaker sends nothing
 
     clock.now += 9.9
     assert not pool.ready()
@@ -269,101 +359,115 @@ async def test_breaker_opens_half_opens_and_closes_on_the_clock(
     assert pool.ready()
     with pytest.raises(BackendError):  # the half-open trial fails: open again, cooldown anew
         await pool.complete("hi", n=1, max_tokens=4)
-    assert (pool.breaker_states(), pool.ready()) == ({A: "open"}, False)
+    assert (pool.breaker_states(), pool.ready()) == ({a: "open"}, False)
 
     clock.now += 10.0
     healthy = True
     await pool.complete("hi", n=1, max_tokens=4)
-    assert (pool.breaker_states(), state(), pool.ready()) == ({A: "closed"}, 0.0, True)
-    assert len(recorder.requests) == 4
+    assert (pool.breaker_states(), state(), pool.ready()) == ({a: "closed"}, 0.0, True)
+    assert len(pods.requests) == 4
+    await pool.aclose()
 
 
-async def test_half_open_breaker_lets_one_trial_through(registry: CollectorRegistry) -> None:
+async def test_half_open_breaker_lets_one_trial_through(
+    pods: Pods, registry: CollectorRegistry
+) -> None:
     release = asyncio.Event()
     clock = FakeClock()
-    recorder = Recorder(status(500))
+    pods.respond = status(500)
     breaker = BreakerSettings(failure_threshold=1, cooldown_s=5.0)
-    pool = make_pool(recorder, registry, (A,), breaker=breaker, clock=clock, max_attempts=1)
+    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
-    assert pool.breaker_states()[A] == "open"
+    assert pool.breaker_states()[pods.a] == "open"
 
-    async def slow_ok(request: httpx.Request) -> httpx.Response:
+    async def slow_ok(sent: Sent) -> web.StreamResponse:
         await release.wait()
-        return await ok(request)
+        return await ok(sent)
 
     clock.now += 5.0
-    recorder.respond = slow_ok
+    pods.respond = slow_ok
     trial = asyncio.create_task(pool.complete("x", n=1, max_tokens=1))
-    await asyncio.sleep(0.01)
-    assert pool.breaker_states()[A] == "half_open"
-    assert metric(registry, "clear_backend_breaker_state", endpoint=A) == 1.0
+    await until(lambda: len(pods.requests) == 2)
+    assert pool.breaker_states()[pods.a] == "half_open"
+    assert metric(registry, "clear_backend_breaker_state", endpoint=pods.a) == 1.0
     assert not pool.ready()
     with pytest.raises(BackendError, match="no usable endpoint"):
         await pool.complete("y", n=1, max_tokens=1)
-    assert len(recorder.requests) == 2  # the failure and the trial, no second trial
+    assert len(pods.requests) == 2  # the failure and the trial, no second trial
     release.set()
     await trial
-    assert pool.breaker_states()[A] == "closed"
+    assert pool.breaker_states()[pods.a] == "closed"
+    await pool.aclose()
 
 
 async def test_a_trial_without_verdict_frees_the_half_open_slot(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
     clock = FakeClock()
-    recorder = Recorder(status(500))
+    pods.respond = status(500)
     breaker = BreakerSettings(failure_threshold=1, cooldown_s=5.0)
-    pool = make_pool(recorder, registry, (A,), breaker=breaker, clock=clock, max_attempts=1)
+    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
     clock.now += 5.0
-    recorder.respond = status(400, "bad prompt")  # says nothing about the pod's health
+    pods.respond = status(400, "bad prompt")  # says nothing about the pod's health
     with pytest.raises(BackendRequestError):
         await pool.complete("hi", n=1, max_tokens=4)
-    assert (pool.breaker_states()[A], pool.ready()) == ("half_open", True)
-    recorder.respond = ok
+    assert (pool.breaker_states()[pods.a], pool.ready()) == ("half_open", True)
+    pods.respond = ok
     await pool.complete("hi", n=1, max_tokens=4)
-    assert pool.breaker_states()[A] == "closed"
+    assert pool.breaker_states()[pods.a] == "closed"
+    await pool.aclose()
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Wait for requests to reach the pods (real sockets: a few loop turns, not one)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 async def test_retry_goes_to_an_untried_endpoint_even_if_busier(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
     release = asyncio.Event()
 
-    async def held(request: httpx.Request) -> httpx.Response:
+    async def held(sent: Sent) -> web.StreamResponse:
         await release.wait()
-        return await ok(request)
+        return await ok(sent)
 
-    recorder = Recorder(by_host(pod_a=status(500), pod_b=held))
-    pool = make_pool(recorder, registry, max_attempts=2)
+    pods.respond = by_pod(pods, a=status(500), b=held)
+    pool = make_pool(pods, registry, max_attempts=2)
     big = asyncio.create_task(pool.complete("big", n=1, max_tokens=1000))
-    await asyncio.sleep(0.01)
-    sent = len(recorder.requests)
+    await until(lambda: pods.b in pods.hosts)  # big ends up held on B (directly or after A)
+    sent = len(pods.requests)
     small = asyncio.create_task(pool.complete("small", n=1, max_tokens=10))
-    await asyncio.sleep(0.01)
-    assert recorder.hosts[sent:] == [A, B]  # least outstanding first, then the untried pod
+    await until(lambda: len(pods.requests) == sent + 2)
+    assert pods.hosts[sent:] == [pods.a, pods.b]  # least outstanding first, then untried pod
     release.set()
     await asyncio.gather(big, small)
+    await pool.aclose()
 
 
-async def test_least_outstanding_tokens_routing(registry: CollectorRegistry) -> None:
+async def test_least_outstanding_tokens_routing(pods: Pods, registry: CollectorRegistry) -> None:
     release = asyncio.Event()
 
-    async def held(request: httpx.Request) -> httpx.Response:
+    async def held(sent: Sent) -> web.StreamResponse:
         await release.wait()
-        return await ok(request)
+        return await ok(sent)
 
-    recorder = Recorder(held)
-    pool = make_pool(recorder, registry)
+    pods.respond = held
+    pool = make_pool(pods, registry)
     big = asyncio.create_task(pool.complete("big", n=2, max_tokens=500))
-    await asyncio.sleep(0.01)
-    big_host = recorder.hosts[0]
+    await until(lambda: len(pods.requests) == 1)
+    big_host = pods.hosts[0]
     small = [asyncio.create_task(pool.complete(f"s{i}", n=1, max_tokens=100)) for i in range(3)]
-    await asyncio.sleep(0.01)
-    other = B if big_host == A else A
+    await until(lambda: len(pods.requests) == 4)
+    other = pods.b if big_host == pods.a else pods.a
     # 1000 outstanding tokens on one pod outweigh three 100-token requests on the other.
-    assert recorder.hosts[1:] == [other] * 3
+    assert pods.hosts[1:] == [other] * 3
     outstanding = "clear_backend_outstanding_tokens"
     assert metric(registry, outstanding, endpoint=big_host) == 1000
     assert metric(registry, outstanding, endpoint=other) == 300
@@ -372,31 +476,34 @@ async def test_least_outstanding_tokens_routing(registry: CollectorRegistry) -> 
     await asyncio.gather(big, *small)
     assert metric(registry, outstanding, endpoint=big_host) == 0
     assert metric(registry, outstanding, endpoint=other) == 0
+    await pool.aclose()
 
 
-async def test_concurrency_per_endpoint_is_bounded(registry: CollectorRegistry) -> None:
+async def test_concurrency_per_endpoint_is_bounded(pods: Pods, registry: CollectorRegistry) -> None:
     active = peak = 0
 
-    async def counting(request: httpx.Request) -> httpx.Response:
+    async def counting(sent: Sent) -> web.StreamResponse:
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
         await asyncio.sleep(0.005)
         active -= 1
-        return await ok(request)
+        return await ok(sent)
 
-    pool = make_pool(Recorder(counting), registry, (A,), max_concurrency_per_endpoint=2)
+    pods.respond = counting
+    pool = make_pool(pods, registry, (pods.a,), max_concurrency_per_endpoint=2)
     await asyncio.gather(*(pool.complete("hi", n=1, max_tokens=4) for _ in range(6)))
     assert peak == 2
+    assert len(pods.requests) == 6
+    await pool.aclose()
 
 
 async def test_continuation_prefers_the_pod_that_holds_the_chain(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
-    recorder = Recorder(ok)
-    pool = make_pool(recorder, registry)
+    pool = make_pool(pods, registry)
     probe = await pool.complete("question", n=1, max_tokens=4)
-    first = recorder.hosts[0]
+    first = pods.hosts[0]
     (sample,) = probe.samples
     assert probe.prompt_token_ids is not None
     assert sample.token_ids is not None
@@ -404,7 +511,8 @@ async def test_continuation_prefers_the_pod_that_holds_the_chain(
     await pool.complete("question" + sample.text, n=1, max_tokens=8)
     await pool.complete("unrelated", n=1, max_tokens=8)
     # Ties rotate, so without affinity the second request would go to the other pod.
-    assert recorder.hosts == [first, first, first, B if first == A else A]
+    assert pods.hosts == [first, first, first, pods.b if first == pods.a else pods.a]
+    await pool.aclose()
 
 
 @pytest.mark.parametrize(
@@ -419,14 +527,14 @@ async def test_continuation_prefers_the_pod_that_holds_the_chain(
     ],
 )
 async def test_invalid_arguments_are_rejected_before_sending(
-    registry: CollectorRegistry, kwargs: dict[str, Any], field: str
+    pods: Pods, registry: CollectorRegistry, kwargs: dict[str, Any], field: str
 ) -> None:
-    recorder = Recorder(ok)
-    pool = make_pool(recorder, registry)
+    pool = make_pool(pods, registry)
     with pytest.raises(BackendRequestError, match=field) as info:
         await pool.complete(**kwargs)
     assert info.value.field == field
-    assert recorder.requests == []
+    assert pods.requests == []
+    await pool.aclose()
 
 
 @pytest.mark.parametrize(
@@ -446,9 +554,8 @@ def test_invalid_pool_settings_name_the_parameter(
     registry: CollectorRegistry, kwargs: dict[str, Any], message: str
 ) -> None:
     arguments: dict[str, Any] = {"endpoints": (A,), "model": "m"} | kwargs
-    client = httpx.AsyncClient(transport=httpx.MockTransport(Recorder(ok)))
     with pytest.raises(ValueError, match=message):
-        VllmPool(client=client, registry=registry, **arguments)
+        VllmPool(registry=registry, **arguments)
 
 
 def test_breaker_settings_are_validated() -> None:
@@ -459,40 +566,40 @@ def test_breaker_settings_are_validated() -> None:
 
 
 async def test_latency_histogram_and_credentials_kept_out_of_labels(
-    registry: CollectorRegistry,
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
     clock = FakeClock()
 
-    async def takes_two_seconds(request: httpx.Request) -> httpx.Response:
+    async def takes_two_seconds(sent: Sent) -> web.StreamResponse:
         clock.now += 2.0
-        return await ok(request)
+        return await ok(sent)
 
-    pool = make_pool(
-        Recorder(takes_two_seconds), registry, ("http://user:pw@pod-a:8000/",), clock=clock
-    )
+    pods.respond = takes_two_seconds
+    with_credentials = pods.a.replace("http://", "http://user:pw@") + "/"
+    pool = make_pool(pods, registry, (with_credentials,), clock=clock)
     await pool.complete("hi", n=1, max_tokens=4)
-    labels = {"endpoint": A}
+    assert pods.requests[0].headers["authorization"].startswith("Basic ")
+    labels = {"endpoint": pods.a}
     assert registry.get_sample_value("clear_backend_request_seconds_count", labels) == 1
     assert registry.get_sample_value("clear_backend_request_seconds_sum", labels) == 2.0
     assert (
         registry.get_sample_value("clear_backend_request_seconds_bucket", labels | {"le": "1.0"})
         == 0
     )
-    assert pool.endpoints == ("http://user:pw@pod-a:8000",)
+    assert pool.endpoints == (with_credentials.rstrip("/"),)
+    await pool.aclose()
 
 
-async def test_closed_pool_refuses_and_owned_client_is_closed(
-    registry: CollectorRegistry,
+async def test_closed_pool_refuses_and_closes_its_session(
+    pods: Pods, registry: CollectorRegistry
 ) -> None:
-    injected = httpx.AsyncClient(transport=httpx.MockTransport(Recorder(ok)))
-    pool = VllmPool((A,), model="m", client=injected, registry=registry)
+    pool = make_pool(pods, registry, (pods.a,))
+    await pool.complete("hi", n=1, max_tokens=4)
+    assert pool.ready()
     await pool.aclose()
     assert not pool.ready()
-    assert not injected.is_closed  # the caller owns an injected client
+    assert pool._session is not None
+    assert pool._session.closed
     with pytest.raises(BackendError, match="closed"):
         await pool.complete("hi", n=1, max_tokens=4)
-
-    owned = VllmPool.create((A,), model="m", registry=CollectorRegistry())
-    assert owned.ready()
-    await owned.aclose()
-    assert owned._client.is_closed
+    assert len(pods.requests) == 1

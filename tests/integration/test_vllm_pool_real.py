@@ -22,7 +22,7 @@ async def make_pool(vllm_server: VllmServer, registry: CollectorRegistry) -> Asy
     pools: list[VllmPool] = []
 
     def build(endpoints: Sequence[str] | None = None, **options: Any) -> VllmPool:
-        pool = VllmPool.create(
+        pool = VllmPool(
             endpoints or [vllm_server.base_url],
             model=vllm_server.model,
             registry=registry if not pools else CollectorRegistry(),
