@@ -1,13 +1,16 @@
 """Daemon throughput and overhead: the real `clearbudget run` process between a Tansu broker and
 the recorded-rollout simulator, all on loopback.
 
-Measures, side by side in one run: sustained queries/second end to end (produce → results read
-back), CPU seconds per query of the daemon process alone (from /proc), peak RSS, and window
-latency p50/p99 (from the daemon's own clear_window_seconds histogram).
+Measures, side by side in one run: queries/second end to end (produce → results read back),
+per-query latency produce → result (p50/p99), CPU seconds per query of the daemon process (from
+/proc) and what one core could sustain at that cost, peak RSS, window latency p50/p99 (the
+daemon's own clear_window_seconds histogram), and how busy each process was (share of one core).
 
 Two modes: `priced-out` (budget so small that every query is abandoned before any backend call:
 the daemon's own cost of intake, windowing, solving and publishing) and `full` (probe + dispatch
-to the simulator for every funded query: the backend's HTTP cost is then in the loop).
+to the simulator for every funded query: the backend's HTTP cost is then in the loop). Each runs
+once per offered rate: 0 sends as fast as the producer can (the daemon's ceiling), a number paces
+the producer at that many queries/second (does the daemon keep up, and how busy is it).
 
     python benchmarks/daemon_bench.py --queries 20000 --window-max-queries 1000
 """
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -46,6 +50,18 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def sustained_rate(arrivals: list[float]) -> float:
+    """Results per second between the 10th and the 90th percentile arrival: the steady rate,
+    without the start-up (first window filling) and the tail (last windows draining)."""
+    first, last = np.percentile(arrivals, [10, 90])
+    return 0.8 * len(arrivals) / max(last - first, 1e-9)
+
+
+def counter_total(metrics: str, name: str) -> float:
+    """Sum of a counter over all its label sets, from a Prometheus text page."""
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
+
+
 def histogram_quantile(metrics: str, name: str, q: float) -> float:
     buckets = []
     for line in metrics.splitlines():
@@ -59,8 +75,26 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
     return float("nan")
 
 
+async def produce(
+    producer: AIOKafkaProducer, topic: str, values: list[bytes], rate: float, sent_at: list[float]
+) -> None:
+    """Send every value at `rate` per second (0: as fast as possible), noting each send time."""
+    start = time.perf_counter()
+    for i, value in enumerate(values):
+        if rate and i % 50 == 0:  # pace in small bursts: one sleep per 50 sends
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        sent_at[i] = time.perf_counter()
+        await producer.send(topic, value)
+    await producer.flush()
+
+
 async def run_mode(
-    mode: str, args: argparse.Namespace, bootstrap: str, sim_url: str, peers: dict[str, int]
+    mode: str,
+    rate: float,
+    args: argparse.Namespace,
+    bootstrap: str,
+    sim_url: str,
+    peers: dict[str, int],
 ) -> dict:
     run_id = f"{mode}-{int(time.time() * 1000)}"
     topics = [f"bench.{run_id}.{t}" for t in ("queries", "results", "dlq")]
@@ -107,16 +141,21 @@ async def run_mode(
             processes = {"daemon": daemon.pid, **peers}
             cpu0 = {name: cpu_seconds(pid) for name, pid in processes.items()}
             t0 = time.perf_counter()
-            for value in values:
-                await producer.send(topics[0], value)
-            await producer.flush()
-            produced_s = time.perf_counter() - t0
-            seen = 0
-            while seen < args.queries:
+            sent_at = [0.0] * args.queries
+            sending = asyncio.create_task(produce(producer, topics[0], values, rate, sent_at))
+            latencies: list[float] = []  # produce → result read back, per query
+            arrivals: list[float] = []
+            prefix = len(run_id) + 1
+            while len(latencies) < args.queries:
                 batch = await reader.getmany(timeout_ms=200, max_records=10000)
-                seen += sum(len(v) for v in batch.values())
-                if time.perf_counter() - t0 > args.timeout:
-                    raise TimeoutError(f"{mode}: {seen}/{args.queries} results in time")
+                now = time.perf_counter()
+                for records in batch.values():
+                    latencies += [now - sent_at[int(r.key[prefix:])] for r in records]
+                    arrivals += [now] * len(records)
+                if now - t0 > args.timeout:
+                    raise TimeoutError(f"{mode}: {len(latencies)}/{args.queries} results in time")
+            await sending
+            produced_s = sent_at[-1] - t0
             elapsed = time.perf_counter() - t0
             cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in processes.items()}
             await producer.stop()
@@ -124,8 +163,10 @@ async def run_mode(
             metrics = (await client.get("/metrics")).text
         return {
             "mode": mode,
+            "offered_rate": rate or None,
             "queries": args.queries,
             "queries_per_second": args.queries / elapsed,
+            "sustained_queries_per_second": sustained_rate(arrivals),
             "produce_seconds": produced_s,
             "daemon_cpu_ms_per_query": cpu["daemon"] / args.queries * 1e3,
             # Busy share of one core per process: near 100% marks the bottleneck (each process
@@ -133,6 +174,10 @@ async def run_mode(
             "cpu_busy_percent": {name: 100 * c / elapsed for name, c in cpu.items()},
             "daemon_capacity_queries_per_second": args.queries / cpu["daemon"],
             "daemon_peak_rss_mib": peak_rss_mib(daemon.pid),
+            "backend_requests_per_query": counter_total(metrics, "clear_backend_requests_total")
+            / args.queries,
+            "latency_p50_s": float(np.percentile(latencies, 50)),
+            "latency_p99_s": float(np.percentile(latencies, 99)),
             "window_p50_s": histogram_quantile(metrics, "clear_window_seconds", 0.5),
             "window_p99_s": histogram_quantile(metrics, "clear_window_seconds", 0.99),
         }
@@ -153,7 +198,11 @@ async def main(args: argparse.Namespace) -> list[dict]:
         wait_for_port("127.0.0.1", sim_port, 60, simulator)
         sim_url = f"http://127.0.0.1:{sim_port}"
         peers = {"simulator": simulator.pid, "broker": broker.process.pid}
-        return [await run_mode(m, args, broker.bootstrap, sim_url, peers) for m in args.modes]
+        return [
+            await run_mode(mode, rate, args, broker.bootstrap, sim_url, peers)
+            for rate in args.rates
+            for mode in args.modes
+        ]
     finally:
         simulator.terminate()
         simulator.wait(30)
@@ -170,6 +219,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--endpoint-concurrency", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--modes", nargs="+", default=["priced-out", "full"])
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        type=float,
+        default=[0, 2000],
+        help="offered queries/second per run (0: as fast as the producer can send)",
+    )
     return parser.parse_args()
 
 
@@ -177,15 +233,21 @@ if __name__ == "__main__":
     arguments = parse()
     rows = asyncio.run(main(arguments))
     print(
-        f"{'mode':<11} {'q/s':>7} {'cpu ms/q':>9} {'capacity':>9} {'rss MiB':>8} "
-        f"{'win p50 s':>9} {'p99 s':>6}  busy % of one core (daemon/simulator/broker)"
+        f"{'mode':<11} {'offered':>7} {'q/s':>7} {'steady':>7} {'e2e p50/p99 s':>13} "
+        f"{'cpu ms/q':>9} {'capacity':>9} {'req/q':>5} {'rss MiB':>8} {'win p50 s':>9} "
+        f"{'p99 s':>6}  "
+        "busy % of one core (daemon/simulator/broker)"
     )
     for row in rows:
         busy = row["cpu_busy_percent"]
+        offered = f"{row['offered_rate']:.0f}" if row["offered_rate"] else "max"
+        latency = f"{row['latency_p50_s']:.2f}/{row['latency_p99_s']:.2f}"
         print(
-            f"{row['mode']:<11} {row['queries_per_second']:>7.0f} "
+            f"{row['mode']:<11} {offered:>7} {row['queries_per_second']:>7.0f} "
+            f"{row['sustained_queries_per_second']:>7.0f} {latency:>13} "
             f"{row['daemon_cpu_ms_per_query']:>9.3f} "
-            f"{row['daemon_capacity_queries_per_second']:>9.0f} {row['daemon_peak_rss_mib']:>8.0f} "
+            f"{row['daemon_capacity_queries_per_second']:>9.0f} "
+            f"{row['backend_requests_per_query']:>5.2f} {row['daemon_peak_rss_mib']:>8.0f} "
             f"{row['window_p50_s']:>9.3g} {row['window_p99_s']:>6.3g}  "
             f"{busy['daemon']:.0f} / {busy['simulator']:.0f} / {busy['broker']:.0f}"
         )

@@ -49,6 +49,7 @@ class _Query:
 
     request: QueryRequest
     probe: Completion | None = None
+    outcomes: tuple[ProbeOutcome, ...] = ()  # of the probe's samples, parsed once
     probe_tokens: int = 0
     dispatch_tokens: int = 0
     allocated: int = 0
@@ -89,12 +90,13 @@ class WindowPipeline:
         live = [q for q, chosen in zip(live, selection.selected, strict=True) if chosen]
         if selection.plan.enabled and live:
             await self._probe(live, selection.plan, window.window_id)
-        live = [q for q in live if q.result is None]
+        views = [(q, self._view(q)) for q in live if q.result is None]
         # A query whose own max_tokens the probe used up has nothing left to decide.
-        spent_out = [q for q in live if self._view(q).cap_left == 0]
-        live = [q for q in live if self._view(q).cap_left > 0]
+        spent_out = [q for q, view in views if view.cap_left == 0]
+        views = [(q, view) for q, view in views if view.cap_left > 0]
+        live = [q for q, _ in views]
         probe_spent = sum(q.probe_tokens for q in queries)
-        decision = self._policy.decide([self._view(q) for q in live], max(budget - probe_spent, 0))
+        decision = self._policy.decide([view for _, view in views], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id)
@@ -123,7 +125,7 @@ class WindowPipeline:
     def _view(self, query: _Query) -> QueryView:
         return QueryView(
             request=query.request,
-            outcomes=_outcomes(query.probe),
+            outcomes=query.outcomes,
             probe_tokens=query.probe_tokens,
             cap_left=max(self._cap(query.request) - query.probe_tokens, 0),
         )
@@ -157,6 +159,7 @@ class WindowPipeline:
                 )
                 return
             query.probe_tokens = query.probe.completion_tokens
+            query.outcomes = _outcomes(query.probe)
 
         await asyncio.gather(*(probe_one(q) for q in live))
         self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
@@ -220,7 +223,7 @@ class WindowPipeline:
 
     def _observe_probe_only(self, query: _Query) -> None:
         """Chains that never reach dispatch still teach the priors (finished or censored)."""
-        for outcome in _outcomes(query.probe):
+        for outcome in query.outcomes:
             self._observe(query, outcome.tokens, finished=outcome.finished, answer=outcome.answer)
 
     # --- report ---------------------------------------------------------------------------

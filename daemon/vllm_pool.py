@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from array import array
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 import yarl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -253,7 +253,9 @@ class VllmPool:
         ]
         self._model = model
         self._session: aiohttp.ClientSession | None = None
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._max_concurrency = max_concurrency_per_endpoint
         self._timeout = aiohttp.ClientTimeout(
             total=request_timeout_s, sock_connect=min(connect_timeout_s, request_timeout_s)
@@ -420,7 +422,10 @@ class VllmPool:
         """Status and body of one POST; time-outs and lost connections are retryable."""
         try:
             async with self._http().post(
-                ep.completions_url, json=body, headers=self._headers, timeout=self._timeout
+                ep.completions_url,
+                data=orjson.dumps(body),
+                headers=self._headers,
+                timeout=self._timeout,
             ) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:  # aiohttp's own time-outs are TimeoutErrors too
@@ -449,7 +454,7 @@ class VllmPool:
         if status != 200:
             raise _RetryableError("bad_response", f"unexpected HTTP {status}")
         try:
-            return _parse_completion(json.loads(payload), n=n)
+            return _parse_completion(orjson.loads(payload), n=n)
         except (ValueError, KeyError, TypeError) as exc:
             raise _RetryableError("bad_response", f"malformed completion: {exc}") from exc
 
@@ -536,7 +541,7 @@ def _sequence_key(sequence: str | Sequence[int]) -> bytes:
 def _error_message(payload: bytes) -> str:
     """The server's own error message (vLLM: {"error": {"message": ...}}), else the body."""
     try:
-        data = json.loads(payload)
+        data = orjson.loads(payload)
     except ValueError:
         data = None
     message: object = None
