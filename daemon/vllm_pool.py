@@ -135,6 +135,7 @@ class CircuitBreaker:
 
 @dataclass(eq=False)
 class _Endpoint:
+    index: int
     base_url: str
     completions_url: yarl.URL
     label: str
@@ -243,13 +244,14 @@ class VllmPool:
         breaker_settings = breaker or BreakerSettings()
         self._endpoints = [
             _Endpoint(
+                index=i,
                 base_url=url.rstrip("/"),
                 completions_url=yarl.URL(url.rstrip("/") + "/v1/completions"),
                 label=_redact(url.rstrip("/")),
                 semaphore=asyncio.Semaphore(max_concurrency_per_endpoint),
                 breaker=CircuitBreaker(breaker_settings, clock),
             )
-            for url in endpoints
+            for i, url in enumerate(endpoints)
         ]
         self._model = model
         self._session: aiohttp.ClientSession | None = None
@@ -351,14 +353,15 @@ class VllmPool:
     def _pick(self, tried: list[_Endpoint], preferred: _Endpoint | None) -> _Endpoint | None:
         usable = [ep for ep in self._endpoints if ep.breaker.available()]
         fresh = [ep for ep in usable if ep not in tried] or usable
-        if not fresh:
-            return None
+        if len(fresh) <= 1:
+            return fresh[0] if fresh else None
         if preferred in fresh and preferred.in_flight < self._max_concurrency:
             return preferred
         self._turn += 1  # rotate ties so an idle pool still spreads its requests
-        size = len(self._endpoints)
-        order = {id(ep): (i - self._turn) % size for i, ep in enumerate(self._endpoints)}
-        return min(fresh, key=lambda ep: (ep.outstanding_tokens, ep.in_flight, order[id(ep)]))
+        size, turn = len(self._endpoints), self._turn
+        return min(
+            fresh, key=lambda ep: (ep.outstanding_tokens, ep.in_flight, (ep.index - turn) % size)
+        )
 
     def _affinity_for(self, prompt: str | list[int]) -> _Endpoint | None:
         key = _sequence_key(prompt)
