@@ -11,6 +11,8 @@ the daemon's own cost of intake, windowing, solving and publishing) and `full` (
 to the simulator for every funded query: the backend's HTTP cost is then in the loop). Each runs
 once per offered rate: 0 sends as fast as the producer can (the daemon's ceiling), a number paces
 the producer at that many queries/second (does the daemon keep up, and how busy is it).
+With `--pod-decode-rate` the simulator takes the time a GPU pod would (sequence slots, tokens/s
+per sequence), so the backend, not the daemon, sets the pace.
 
     python benchmarks/daemon_bench.py --queries 20000 --window-max-queries 1000
 """
@@ -191,7 +193,8 @@ async def main(args: argparse.Namespace) -> list[dict]:
     sim_port = free_loopback_port()
     simulator = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
-         "--port", str(sim_port)],
+         "--port", str(sim_port), "--decode-rate", str(args.pod_decode_rate),
+         "--max-num-seqs", str(args.pod_max_num_seqs)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -217,6 +220,15 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--tokens-per-second", type=float, default=2_000_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--endpoint-concurrency", type=int, default=256)
+    parser.add_argument(
+        "--pod-decode-rate",
+        type=float,
+        default=0,
+        help="emulate a GPU pod: tokens/s per sequence (0: the simulator answers at once)",
+    )
+    parser.add_argument(
+        "--pod-max-num-seqs", type=int, default=256, help="emulated pod: sequences at once"
+    )
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--modes", nargs="+", default=["priced-out", "full"])
     parser.add_argument(

@@ -11,7 +11,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from daemon.rollouts import RolloutError, load_rollouts
-from daemon.simulator import DEFAULT_MODEL_NAME, SimulatedBackend, start_simulator
+from daemon.simulator import DEFAULT_MODEL_NAME, PodTiming, SimulatedBackend, start_simulator
 
 DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
 
@@ -27,15 +27,32 @@ def simulate_backend(
     model_name: Annotated[
         str, typer.Option("--model-name", help="Model name reported by the API.")
     ] = DEFAULT_MODEL_NAME,
+    decode_rate: Annotated[
+        float,
+        typer.Option(
+            help="Emulate a GPU pod's timing: tokens/second each sequence decodes at "
+            "(0: answer at once)."
+        ),
+    ] = 0.0,
+    max_num_seqs: Annotated[
+        int,
+        typer.Option(help="With --decode-rate: sequences the emulated pod decodes at once."),
+    ] = 256,
 ) -> None:
     """Serve an OpenAI-compatible completions API from recorded rollouts.
 
     Chains finish or are cut at max_tokens (a cut chain has no answer).
     Usage counts are reported; a prompt ending in a sample's text continues that chain.
-    Point CLEAR_VLLM_ENDPOINTS at it like at a vLLM pod.
+    Point CLEAR_VLLM_ENDPOINTS at it like at a vLLM pod. With --decode-rate it also takes the
+    time a pod would: at most --max-num-seqs sequences at once, each at --decode-rate tokens/s.
     """
     if not 0 <= port <= 65535:
         _fail(f"--port must be between 0 and 65535, got {port}")
+    if decode_rate < 0:
+        _fail(f"--decode-rate must be >= 0, got {decode_rate}")
+    if max_num_seqs < 1:
+        _fail(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
+    timing = PodTiming(decode_rate, max_num_seqs) if decode_rate > 0 else None
     try:
         pool = load_rollouts(rollouts)
     except RolloutError as exc:
@@ -43,13 +60,22 @@ def simulate_backend(
         _fail(f"cannot load --rollouts: {exc}{hint}")
     backend = SimulatedBackend(pool, seed=seed)
     try:
-        asyncio.run(_serve(backend, host=host, port=port, model_name=model_name))
+        asyncio.run(_serve(backend, host=host, port=port, model_name=model_name, timing=timing))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
-async def _serve(backend: SimulatedBackend, *, host: str, port: int, model_name: str) -> None:
-    server = await start_simulator(backend, host=host, port=port, model_name=model_name)
+async def _serve(
+    backend: SimulatedBackend,
+    *,
+    host: str,
+    port: int,
+    model_name: str,
+    timing: PodTiming | None,
+) -> None:
+    server = await start_simulator(
+        backend, host=host, port=port, model_name=model_name, timing=timing
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,13 +15,14 @@ chain and is charged only for the new tokens, as with vLLM prefix caching.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +246,54 @@ def _run_chain(record: RolloutRecord, chain: int, start: int, max_tokens: int) -
 
 
 @dataclass(frozen=True, slots=True)
+class PodTiming:
+    """Emulated generation time of one GPU pod, for load tests that need a slow backend.
+
+    The pod decodes at most `max_num_seqs` sequences at once, each at `decode_tokens_per_second`;
+    a request holds one sequence slot per sample for as long as its longest sample takes, and
+    waits (first come, first served) while the slots are taken.
+    """
+
+    decode_tokens_per_second: float
+    max_num_seqs: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.decode_tokens_per_second > 0:
+            raise ValueError(
+                f"decode_tokens_per_second must be > 0, got {self.decode_tokens_per_second}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+class _DecodeSlots:
+    """The sequence slots of an emulated pod (see `PodTiming`)."""
+
+    def __init__(
+        self,
+        timing: PodTiming,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._timing = timing
+        self._slots = asyncio.Semaphore(timing.max_num_seqs)
+        self._admission = asyncio.Lock()  # one request gathers its slots at a time: no deadlock
+        self._sleep = sleep
+
+    async def generate(self, completion: Completion) -> None:
+        """Hold slots for the time `completion` takes to decode."""
+        sequences = min(len(completion.samples), self._timing.max_num_seqs)
+        longest = max((s.completion_tokens or 0 for s in completion.samples), default=0)
+        async with self._admission:
+            for _ in range(sequences):
+                await self._slots.acquire()
+        try:
+            await self._sleep(longest / self._timing.decode_tokens_per_second)
+        finally:
+            for _ in range(sequences):
+                self._slots.release()
+
+
+@dataclass(frozen=True, slots=True)
 class _Request:
     prompt: str
     n: int
@@ -314,8 +363,12 @@ def create_app(
     *,
     model_name: str = DEFAULT_MODEL_NAME,
     clock: Callable[[], float] = time.time,
+    timing: PodTiming | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> web.Application:
-    """An aiohttp app serving `backend` as `POST /v1/completions`, `GET /v1/models`, `/health`."""
+    """An aiohttp app serving `backend` as `POST /v1/completions`, `GET /v1/models`, `/health`;
+    with `timing`, each completion takes the time an emulated pod would need to decode it."""
+    slots = _DecodeSlots(timing, sleep) if timing is not None else None
 
     async def completions(request: web.Request) -> web.Response:
         try:
@@ -329,6 +382,8 @@ def create_app(
             )
         except SimulationRequestError as exc:
             return _error(400, str(exc), exc.field)
+        if slots is not None:
+            await slots.generate(completion)
         return web.json_response(_completion_body(completion, req.model, int(clock())))
 
     async def models(_: web.Request) -> web.Response:
@@ -372,9 +427,11 @@ async def start_simulator(
     host: str = "127.0.0.1",
     port: int = 0,
     model_name: str = DEFAULT_MODEL_NAME,
+    timing: PodTiming | None = None,
 ) -> RunningSimulator:
     """Serve `backend` on `host:port` (port 0: a free port, reported on the result)."""
-    runner = web.AppRunner(create_app(backend, model_name=model_name), access_log=None)
+    app = create_app(backend, model_name=model_name, timing=timing)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:

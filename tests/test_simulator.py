@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
 from daemon.backend import Completion, CompletionBackend
 from daemon.cli import app
 from daemon.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
 from daemon.simulator import (
+    PodTiming,
     RunningSimulator,
     SimulatedBackend,
     SimulationRequestError,
+    create_app,
     find_marker,
     grade,
     prompt_for,
@@ -42,6 +46,13 @@ def pool() -> RolloutPool:
 @pytest.fixture
 def backend(pool: RolloutPool) -> SimulatedBackend:
     return SimulatedBackend(pool, seed=11)
+
+
+def chain_end(text: str) -> int:
+    """Tokens into its chain where a sample's text stops (its marker's position)."""
+    ref = find_marker(text)
+    assert ref is not None, text
+    return ref.at
 
 
 def chain_of(text: str) -> int:
@@ -350,3 +361,72 @@ def test_cli_reports_a_malformed_pool(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "line 1" in result.output
     assert "problem_id" in result.output
+
+
+@pytest.mark.parametrize(("option", "value"), [("--decode-rate", "-1"), ("--max-num-seqs", "0")])
+def test_cli_rejects_bad_pod_timing(shared_data: Path, option: str, value: str) -> None:
+    rollouts = str(shared_data / "rollouts.jsonl")
+    result = CliRunner().invoke(app, ["simulate-backend", "--rollouts", rollouts, option, value])
+    assert result.exit_code == 2
+    assert option in result.output
+
+
+# ------------------------------------------------------------------ emulated pod timing
+
+
+class HeldSleeps:
+    """A sleep that returns only when the test releases it; records each requested duration."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._gates: list[asyncio.Event] = []
+
+    async def __call__(self, seconds: float) -> None:
+        gate = asyncio.Event()
+        self.durations.append(seconds)
+        self._gates.append(gate)
+        await gate.wait()
+
+    def release(self, i: int) -> None:
+        self._gates[i].set()
+
+
+def test_pod_timing_is_validated() -> None:
+    with pytest.raises(ValueError, match="decode_tokens_per_second"):
+        PodTiming(0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        PodTiming(100, max_num_seqs=0)
+
+
+async def test_pod_holds_a_slot_per_sample_for_its_longest_sample(
+    backend: SimulatedBackend, pool: RolloutPool
+) -> None:
+    sleeps = HeldSleeps()
+    app = create_app(backend, timing=PodTiming(100.0, max_num_seqs=2), sleep=sleeps)
+    server = TestServer(app)
+    async with TestClient(server) as http:
+        prompt = "problem: toy-model/p1\nsolve"
+        both = asyncio.create_task(
+            http.post("/v1/completions", json={"prompt": prompt, "n": 2, "max_tokens": 300})
+        )
+        await until(lambda: len(sleeps.durations) == 1)
+        single = asyncio.create_task(
+            http.post("/v1/completions", json={"prompt": prompt, "n": 1, "max_tokens": 50})
+        )
+        await asyncio.sleep(0.05)
+        assert len(sleeps.durations) == 1  # both slots are taken: the second request waits
+        sleeps.release(0)
+        first = await (await both).json()
+        longest = max(chain_end(choice["text"]) for choice in first["choices"])
+        assert sleeps.durations[0] == pytest.approx(longest / 100.0)
+        await until(lambda: len(sleeps.durations) == 2)
+        assert sleeps.durations[1] == pytest.approx(50 / 100.0)  # cut at its max_tokens
+        sleeps.release(1)
+        assert (await single).status == 200
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
