@@ -178,6 +178,8 @@ async def run_mode(
             "daemon_peak_rss_mib": peak_rss_mib(daemon.pid),
             "backend_requests_per_query": counter_total(metrics, "clear_backend_requests_total")
             / args.queries,
+            "generated_tokens_per_query": counter_total(metrics, "clear_tokens_total")
+            / args.queries,
             "latency_p50_s": float(np.percentile(latencies, 50)),
             "latency_p99_s": float(np.percentile(latencies, 99)),
             "window_p50_s": histogram_quantile(metrics, "clear_window_seconds", 0.5),
@@ -246,8 +248,8 @@ if __name__ == "__main__":
     rows = asyncio.run(main(arguments))
     print(
         f"{'mode':<11} {'offered':>7} {'q/s':>7} {'steady':>7} {'e2e p50/p99 s':>13} "
-        f"{'cpu ms/q':>9} {'capacity':>9} {'req/q':>5} {'rss MiB':>8} {'win p50 s':>9} "
-        f"{'p99 s':>6}  "
+        f"{'cpu ms/q':>9} {'capacity':>9} {'req/q':>5} {'tok/q':>5} {'rss MiB':>8} "
+        f"{'win p50 s':>9} {'p99 s':>6}  "
         "busy % of one core (daemon/simulator/broker)"
     )
     for row in rows:
@@ -259,7 +261,8 @@ if __name__ == "__main__":
             f"{row['sustained_queries_per_second']:>7.0f} {latency:>13} "
             f"{row['daemon_cpu_ms_per_query']:>9.3f} "
             f"{row['daemon_capacity_queries_per_second']:>9.0f} "
-            f"{row['backend_requests_per_query']:>5.2f} {row['daemon_peak_rss_mib']:>8.0f} "
+            f"{row['backend_requests_per_query']:>5.2f} {row['generated_tokens_per_query']:>5.0f} "
+            f"{row['daemon_peak_rss_mib']:>8.0f} "
             f"{row['window_p50_s']:>9.3g} {row['window_p99_s']:>6.3g}  "
             f"{busy['daemon']:.0f} / {busy['simulator']:.0f} / {busy['broker']:.0f}"
         )
