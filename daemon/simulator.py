@@ -283,13 +283,15 @@ class _DecodeSlots:
         """Hold slots for the time `completion` takes to decode."""
         sequences = min(len(completion.samples), self._timing.max_num_seqs)
         longest = max((s.completion_tokens or 0 for s in completion.samples), default=0)
-        async with self._admission:
-            for _ in range(sequences):
-                await self._slots.acquire()
+        held = 0
         try:
+            async with self._admission:
+                while held < sequences:
+                    await self._slots.acquire()
+                    held += 1
             await self._sleep(longest / self._timing.decode_tokens_per_second)
-        finally:
-            for _ in range(sequences):
+        finally:  # also when cancelled half-way through gathering slots
+            for _ in range(held):
                 self._slots.release()
 
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
-from daemon.backend import Completion, CompletionBackend
+from daemon.backend import Completion, CompletionBackend, Sample
 from daemon.cli import app
 from daemon.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
 from daemon.simulator import (
@@ -20,6 +20,7 @@ from daemon.simulator import (
     RunningSimulator,
     SimulatedBackend,
     SimulationRequestError,
+    _DecodeSlots,
     create_app,
     find_marker,
     grade,
@@ -430,3 +431,25 @@ async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+async def test_a_request_cancelled_while_waiting_for_slots_gives_them_back() -> None:
+    def completion(samples: int) -> Completion:
+        sample = Sample(text="x", finish_reason="stop", completion_tokens=100)
+        return Completion(samples=(sample,) * samples, prompt_tokens=1, completion_tokens=100)
+
+    sleeps = HeldSleeps()
+    slots = _DecodeSlots(PodTiming(100.0, max_num_seqs=2), sleep=sleeps)
+    running = asyncio.create_task(slots.generate(completion(1)))
+    await until(lambda: len(sleeps.durations) == 1)
+    waiting = asyncio.create_task(slots.generate(completion(2)))  # gets one slot, waits for two
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    sleeps.release(0)
+    await running
+    both = asyncio.create_task(slots.generate(completion(2)))
+    await until(lambda: len(sleeps.durations) == 2)  # both slots are free again
+    sleeps.release(1)
+    await both
