@@ -45,6 +45,9 @@ _BREAKER_GAUGE_VALUE: dict[BreakerState, float] = {"closed": 0.0, "half_open": 1
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length"})
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _MAX_ERROR_CHARS = 500
+# Idle connections are dropped before vLLM's server closes them (uvicorn keep-alive: 5 s), so a
+# reused connection is never one the server has just closed.
+_KEEPALIVE_S = 4.0
 
 Verdict = Literal["success", "failure", "neutral"]
 
@@ -234,6 +237,7 @@ class VllmPool:
         _check_pool_arguments(
             endpoints,
             model,
+            api_key,
             max_concurrency_per_endpoint,
             request_timeout_s,
             connect_timeout_s,
@@ -259,8 +263,9 @@ class VllmPool:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._max_concurrency = max_concurrency_per_endpoint
+        connect_s = min(connect_timeout_s, request_timeout_s)  # DNS, TCP and TLS
         self._timeout = aiohttp.ClientTimeout(
-            total=request_timeout_s, sock_connect=min(connect_timeout_s, request_timeout_s)
+            total=request_timeout_s, connect=connect_s, sock_connect=connect_s
         )
         self._max_attempts = max_attempts
         self._temperature = temperature
@@ -304,6 +309,10 @@ class VllmPool:
         if self._closed:
             raise BackendError("the vLLM pool is closed")
         body = self._request_body(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        try:  # once, before any attempt: what cannot be encoded is the caller's error
+            payload = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError as exc:
+            raise BackendRequestError(f"request body cannot be sent as JSON: {exc}") from exc
         preferred = self._affinity_for(body["prompt"])
         tried: list[_Endpoint] = []
         failures: list[str] = []
@@ -316,7 +325,7 @@ class VllmPool:
                 await self._sleep(self._retry_backoff_s)
             tried.append(endpoint)
             try:
-                completion = await self._attempt(endpoint, body, cost=n * max_tokens)
+                completion = await self._attempt(endpoint, payload, n=n, cost=n * max_tokens)
             except _RetryableError as exc:
                 failures.append(f"{endpoint.label}: {exc}")
                 continue
@@ -387,14 +396,14 @@ class VllmPool:
 
     # --- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, ep: _Endpoint, body: dict[str, Any], *, cost: int) -> Completion:
+    async def _attempt(self, ep: _Endpoint, payload: bytes, *, n: int, cost: int) -> Completion:
         trial = ep.breaker.begin()
         ep.outstanding_tokens += cost
         ep.in_flight += 1
         verdict: Verdict = "neutral"
         try:
             async with ep.semaphore:
-                completion = await self._send(ep, body)
+                completion = await self._send(ep, payload, n=n)
             verdict = "success"
             return completion
         except _RetryableError:
@@ -405,11 +414,11 @@ class VllmPool:
             ep.in_flight -= 1
             ep.breaker.finish(verdict, trial=trial)
 
-    async def _send(self, ep: _Endpoint, body: dict[str, Any]) -> Completion:
+    async def _send(self, ep: _Endpoint, payload: bytes, *, n: int) -> Completion:
         started = self._clock()
         try:
-            status, payload = await self._post(ep, body)
-            completion = self._interpret(ep, status, payload, n=body["n"])
+            status, answer = await self._post(ep, payload)
+            completion = self._interpret(ep, status, answer, n=n)
         except _RetryableError as exc:
             self._count(ep, exc.outcome)
             raise
@@ -421,14 +430,15 @@ class VllmPool:
         self._count(ep, "ok")
         return completion
 
-    async def _post(self, ep: _Endpoint, body: dict[str, Any]) -> tuple[int, bytes]:
+    async def _post(self, ep: _Endpoint, payload: bytes) -> tuple[int, bytes]:
         """Status and body of one POST; time-outs and lost connections are retryable."""
         try:
             async with self._http().post(
                 ep.completions_url,
-                data=orjson.dumps(body),
+                data=payload,
                 headers=self._headers,
                 timeout=self._timeout,
+                allow_redirects=False,  # a redirect is not an answer: retried as bad_response
             ) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:  # aiohttp's own time-outs are TimeoutErrors too
@@ -437,11 +447,15 @@ class VllmPool:
             raise _RetryableError("transport", f"{type(exc).__name__}: {exc}") from exc
 
     def _http(self) -> aiohttp.ClientSession:
+        if self._closed:  # a request that was queued when the pool closed
+            raise BackendError("the vLLM pool is closed")
         if self._session is None:
             slots = len(self._endpoints) * self._max_concurrency
+            connector = aiohttp.TCPConnector(
+                limit=slots, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S
+            )
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=slots, limit_per_host=0),
-                cookie_jar=aiohttp.DummyCookieJar(),
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar()
             )
         return self._session
 
@@ -458,7 +472,7 @@ class VllmPool:
             raise _RetryableError("bad_response", f"unexpected HTTP {status}")
         try:
             return _parse_completion(orjson.loads(payload), n=n)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _RetryableError("bad_response", f"malformed completion: {exc}") from exc
 
     def _count(self, ep: _Endpoint, outcome: str) -> None:
@@ -473,6 +487,7 @@ class VllmPool:
 def _check_pool_arguments(
     endpoints: Sequence[str],
     model: str,
+    api_key: str | None,
     max_concurrency_per_endpoint: int,
     request_timeout_s: float,
     connect_timeout_s: float,
@@ -486,6 +501,11 @@ def _check_pool_arguments(
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError(f"endpoints: {url!r} is not an http(s) base URL")
+        if api_key and "@" in parts.netloc:
+            raise ValueError(
+                f"endpoints: {_redact(url)!r} carries user:password and an api_key is set: "
+                "use one or the other"
+            )
     if len({url.rstrip("/") for url in endpoints}) != len(endpoints):
         raise ValueError(f"endpoints: duplicate base URL in {list(endpoints)}")
     if not model:

@@ -181,6 +181,7 @@ async def test_request_body_and_parsed_completion(pods: Pods, registry: Collecto
     }
     assert pods.requests[0].path == "/v1/completions"
     assert pods.requests[0].headers["authorization"] == "Bearer k3y"
+    assert pods.requests[0].headers["content-type"] == "application/json"
     assert [s.finish_reason for s in completion.samples] == ["stop", "stop", "length"]
     assert [s.completion_tokens for s in completion.samples] == [1, 2, 3]
     assert completion.samples[1].token_ids == (101, 101)
@@ -241,7 +242,7 @@ async def test_timeouts_dropped_connections_and_429_fail_over(
     pods: Pods, registry: CollectorRegistry, failure: Responder, outcome: str
 ) -> None:
     pods.respond = by_pod(pods, a=failure, b=ok)
-    pool = make_pool(pods, registry, request_timeout_s=0.2)
+    pool = make_pool(pods, registry, request_timeout_s=0.5)
     await pool.complete("hi", n=1, max_tokens=4)
     await pool.complete("hi", n=1, max_tokens=4)
     assert pods.hosts.count(pods.a) == 1
@@ -285,6 +286,37 @@ async def test_error_body_that_is_not_json_is_quoted(
     with pytest.raises(BackendRequestError, match=r"HTTP 413.*request entity too large"):
         await pool.complete("hi", n=1, max_tokens=4)
     await pool.aclose()
+
+
+async def test_redirect_is_not_followed_and_is_retried(
+    pods: Pods, registry: CollectorRegistry
+) -> None:
+    async def moved(sent: Sent) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(pods.b + "/v1/completions")
+
+    pods.respond = by_pod(pods, a=moved, b=ok)
+    pool = make_pool(pods, registry)
+    for _ in range(2):
+        await pool.complete("hi", n=1, max_tokens=4)
+    assert pods.hosts.count(pods.a) == 1  # once, and not re-sent to the Location
+    assert pods.hosts.count(pods.b) == 2
+    outcome = "bad_response"
+    assert metric(registry, "clear_backend_requests_total", endpoint=pods.a, outcome=outcome) == 1
+    await pool.aclose()
+
+
+async def test_body_that_cannot_be_encoded_is_the_callers_error(
+    pods: Pods, registry: CollectorRegistry
+) -> None:
+    pool = make_pool(pods, registry, (pods.a,))
+    with pytest.raises(BackendRequestError, match="JSON"):
+        await pool.complete("hi", n=1, max_tokens=4, seed=2**70)
+    assert pods.requests == []
+    biased = make_pool(pods, CollectorRegistry(), (pods.a,), extra_body={"logit_bias": {50: -100}})
+    await biased.complete("hi", n=1, max_tokens=4)
+    assert pods.body()["logit_bias"] == {"50": -100}
+    await pool.aclose()
+    await biased.aclose()
 
 
 async def test_all_endpoints_down_raises_backend_error_after_all_attempts(
@@ -480,20 +512,20 @@ async def test_least_outstanding_tokens_routing(pods: Pods, registry: CollectorR
 
 
 async def test_concurrency_per_endpoint_is_bounded(pods: Pods, registry: CollectorRegistry) -> None:
-    active = peak = 0
+    release = asyncio.Event()
 
-    async def counting(sent: Sent) -> web.StreamResponse:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        await asyncio.sleep(0.005)
-        active -= 1
+    async def held(sent: Sent) -> web.StreamResponse:
+        await release.wait()
         return await ok(sent)
 
-    pods.respond = counting
+    pods.respond = held
     pool = make_pool(pods, registry, (pods.a,), max_concurrency_per_endpoint=2)
-    await asyncio.gather(*(pool.complete("hi", n=1, max_tokens=4) for _ in range(6)))
-    assert peak == 2
+    calls = [asyncio.create_task(pool.complete("hi", n=1, max_tokens=4)) for _ in range(6)]
+    await until(lambda: len(pods.requests) == 2)
+    await asyncio.sleep(0.05)
+    assert len(pods.requests) == 2  # the other four wait for a slot
+    release.set()
+    await asyncio.gather(*calls)
     assert len(pods.requests) == 6
     await pool.aclose()
 
@@ -548,6 +580,7 @@ async def test_invalid_arguments_are_rejected_before_sending(
         ({"max_attempts": 0}, "max_attempts"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"max_concurrency_per_endpoint": 0}, "max_concurrency_per_endpoint"),
+        ({"endpoints": ("http://u:p@pod-a:8000",), "api_key": "k"}, "one or the other"),
     ],
 )
 def test_invalid_pool_settings_name_the_parameter(
