@@ -21,9 +21,10 @@ def run() -> None:
     except SettingsError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    from daemon.app import configure_logging, install_signal_handlers, run_daemon
+    from daemon.app import configure_logging, install_signal_handlers, run_daemon, tune_gc
 
     configure_logging(settings.log_level)
+    tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()
