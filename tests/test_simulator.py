@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ from daemon.simulator import (
     prompt_for,
     start_simulator,
 )
+from tests.support.waiting import until
 
 # Chains of the toy record, by index: (tokens, correct, answer).
 CHAINS = [(100, True, "7"), (300, False, "8"), (500, True, None), (900, True, "7")]
@@ -424,13 +425,6 @@ async def test_pod_holds_a_slot_per_sample_for_its_longest_sample(
         assert sleeps.durations[1] == pytest.approx(50 / 100.0)  # cut at its max_tokens
         sleeps.release(1)
         assert (await single).status == 200
-
-
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_request_cancelled_while_waiting_for_slots_gives_them_back() -> None:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from daemon.backend import BackendError
 from daemon.embedded import free_loopback_port
 from daemon.vllm_pool import BackendRequestError, BreakerSettings, VllmPool
+from tests.support.waiting import until
 
 A = "http://pod-a:8000"  # for argument checks only: nothing is sent there
 
@@ -120,6 +121,16 @@ async def ok(sent: Sent) -> web.StreamResponse:
 def by_pod(pods: Pods, *, a: Responder, b: Responder) -> Responder:
     async def respond(sent: Sent) -> web.StreamResponse:
         return await (a if sent.pod == pods.a else b)(sent)
+
+    return respond
+
+
+def held_until(release: asyncio.Event) -> Responder:
+    """Answers `ok`, but only once `release` is set."""
+
+    async def respond(sent: Sent) -> web.StreamResponse:
+        await release.wait()
+        return await ok(sent)
 
     return respond
 
@@ -413,12 +424,8 @@ async def test_half_open_breaker_lets_one_trial_through(
         await pool.complete("hi", n=1, max_tokens=4)
     assert pool.breaker_states()[pods.a] == "open"
 
-    async def slow_ok(sent: Sent) -> web.StreamResponse:
-        await release.wait()
-        return await ok(sent)
-
     clock.now += 5.0
-    pods.respond = slow_ok
+    pods.respond = held_until(release)
     trial = asyncio.create_task(pool.complete("x", n=1, max_tokens=1))
     await until(lambda: len(pods.requests) == 2)
     assert pool.breaker_states()[pods.a] == "half_open"
@@ -453,24 +460,12 @@ async def test_a_trial_without_verdict_frees_the_half_open_slot(
     await pool.aclose()
 
 
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Wait for requests to reach the pods (real sockets: a few loop turns, not one)."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 async def test_retry_goes_to_an_untried_endpoint_even_if_busier(
     pods: Pods, registry: CollectorRegistry
 ) -> None:
     release = asyncio.Event()
 
-    async def held(sent: Sent) -> web.StreamResponse:
-        await release.wait()
-        return await ok(sent)
-
-    pods.respond = by_pod(pods, a=status(500), b=held)
+    pods.respond = by_pod(pods, a=status(500), b=held_until(release))
     pool = make_pool(pods, registry, max_attempts=2)
     big = asyncio.create_task(pool.complete("big", n=1, max_tokens=1000))
     await until(lambda: pods.b in pods.hosts)  # big ends up held on B (directly or after A)
@@ -486,11 +481,7 @@ async def test_retry_goes_to_an_untried_endpoint_even_if_busier(
 async def test_least_outstanding_tokens_routing(pods: Pods, registry: CollectorRegistry) -> None:
     release = asyncio.Event()
 
-    async def held(sent: Sent) -> web.StreamResponse:
-        await release.wait()
-        return await ok(sent)
-
-    pods.respond = held
+    pods.respond = held_until(release)
     pool = make_pool(pods, registry)
     big = asyncio.create_task(pool.complete("big", n=2, max_tokens=500))
     await until(lambda: len(pods.requests) == 1)
@@ -514,11 +505,7 @@ async def test_least_outstanding_tokens_routing(pods: Pods, registry: CollectorR
 async def test_concurrency_per_endpoint_is_bounded(pods: Pods, registry: CollectorRegistry) -> None:
     release = asyncio.Event()
 
-    async def held(sent: Sent) -> web.StreamResponse:
-        await release.wait()
-        return await ok(sent)
-
-    pods.respond = held
+    pods.respond = held_until(release)
     pool = make_pool(pods, registry, (pods.a,), max_concurrency_per_endpoint=2)
     calls = [asyncio.create_task(pool.complete("hi", n=1, max_tokens=4)) for _ in range(6)]
     await until(lambda: len(pods.requests) == 2)
