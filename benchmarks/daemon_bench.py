@@ -33,7 +33,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.embedded import free_loopback_port, start_embedded_broker, wait_for_port
+from daemon.replay.embedded import free_loopback_port, start_embedded_broker, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLLOUTS = ROOT.parent / "shared" / "data" / "rollouts.jsonl"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.rollouts import RolloutPool, load_rollouts, oracle_allocation, uniform_at_cost
+from daemon.replay.rollouts import RolloutPool, load_rollouts, oracle_allocation, uniform_at_cost
 from solver.allocate import solve_window
 from solver.fit import ProbeOutcome, ProbePlan, WindowFit, fit_window, select_probes
 from solver.priors import PriorBook

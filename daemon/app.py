@@ -12,23 +12,18 @@ from contextlib import AsyncExitStack
 import structlog
 from prometheus_client import CollectorRegistry
 
-from daemon.backend import CompletionBackend
-from daemon.budget import BudgetLedger
+from daemon.core.budget import BudgetLedger
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import WindowPipeline
+from daemon.core.policies import AllocationPolicy, ClearPolicy
+from daemon.core.ports import CompletionBackend
 from daemon.http_server import HealthChecks, start_http_server
-from daemon.intake import Intake, IntakeLimits
-from daemon.kafka_io import (
-    BrokerHealth,
-    KafkaResultSink,
-    RetryingSink,
-    make_consumer,
-    make_producer,
-)
-from daemon.metrics import PipelineMetrics
-from daemon.pipeline import WindowPipeline
-from daemon.policies import AllocationPolicy, ClearPolicy
-from daemon.service import Daemon
+from daemon.kafka.clients import make_consumer, make_producer
+from daemon.kafka.intake import Intake, IntakeLimits
+from daemon.kafka.service import Daemon
+from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
 from daemon.settings import Settings
-from daemon.vllm_pool import VllmPool
+from daemon.vllm.pool import VllmPool
 from solver.fit import ProbePlan
 from solver.priors import PriorBook
 

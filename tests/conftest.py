@@ -1,18 +1,14 @@
-"""Shared fixtures: the real components (Tansu broker, vLLM server) on loopback ports."""
+"""Fixtures every test may use: a fresh metrics registry, the shared recorded data.
+
+The heavy ones (the real Tansu broker, the real vLLM server) are in tests/integration/conftest.py.
+"""
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
-
-from daemon.embedded import BrokerStartError, EmbeddedBroker, start_embedded_broker
-from tests.support.vllm_server import VllmServer, VllmStartError, start_vllm_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -29,52 +25,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data folder missing: {SHARED_DATA} (clone ../shared beside the repo)")
     return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """One real Tansu broker per test session; topics are created per test."""
-    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    try:
-        broker = start_embedded_broker(log_path=log_path)
-    except BrokerStartError as exc:
-        pytest.fail(f"cannot start the Tansu broker: {exc}", pytrace=False)
-    yield broker
-    broker.stop()
-
-
-TopicFactory = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def kafka_topic(kafka_broker: EmbeddedBroker) -> AsyncIterator[TopicFactory]:
-    """Create uniquely named topics per test: `await kafka_topic("in", partitions=3)`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-
-    async def create(prefix: str = "t", *, partitions: int = 1) -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-        return name
-
-    yield create
-    await admin.close()
-
-
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """A real vLLM OpenAI-compatible server on a tiny random Llama, started once per session.
-
-    Set CLEAR_TEST_VLLM_URL (and CLEAR_TEST_VLLM_MODEL) to reuse a server that is already up.
-    """
-    if url := os.environ.get("CLEAR_TEST_VLLM_URL"):
-        yield VllmServer(
-            url.rstrip("/"), os.environ.get("CLEAR_TEST_VLLM_MODEL", "tiny-llama"), None, None
-        )
-        return
-    try:
-        server = start_vllm_server(tmp_path_factory.mktemp("vllm"))
-    except VllmStartError as exc:
-        pytest.fail(f"cannot start the vLLM server: {exc}", pytrace=False)
-    yield server
-    server.stop()

@@ -8,7 +8,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from daemon.embedded import EmbeddedBroker
+from daemon.replay.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.kafka
 

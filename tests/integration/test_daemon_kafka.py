@@ -13,10 +13,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from daemon.app import run_daemon
-from daemon.embedded import EmbeddedBroker, free_loopback_port
-from daemon.rollouts import load_rollouts
+from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from daemon.replay.rollouts import load_rollouts
+from daemon.replay.simulator import SimulatedBackend, prompt_for, start_simulator
 from daemon.settings import load_settings
-from daemon.simulator import SimulatedBackend, prompt_for, start_simulator
 from schemas.messages import DeadLetter, QueryResult, Status
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

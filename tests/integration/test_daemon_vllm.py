@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from daemon.app import run_daemon
-from daemon.embedded import EmbeddedBroker, free_loopback_port
+from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
 from daemon.settings import load_settings
 from schemas.messages import QueryResult, Status
 from tests.support.vllm_server import VllmServer

@@ -22,9 +22,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from daemon.embedded import EmbeddedBroker, free_loopback_port, wait_for_port
+from daemon.replay.embedded import EmbeddedBroker, free_loopback_port, wait_for_port
 from schemas.messages import DeadLetter, QueryResult, Status
-from tests.test_intake import records
+from tests.kafka.test_intake import records
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

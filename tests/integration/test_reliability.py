@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.embedded import (
+from daemon.replay.embedded import (
     EmbeddedBroker,
     free_loopback_port,
     start_embedded_broker,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from daemon.cmd_replay import demo_command, replay_command, sweep_command
-from daemon.cmd_run import run
-from daemon.cmd_schema import schema
-from daemon.cmd_simulate import simulate_backend
-from daemon.cmd_solve import solve
+from daemon.cli.replay import demo_command, replay_command, sweep_command
+from daemon.cli.run import run
+from daemon.cli.schema import schema
+from daemon.cli.simulate import simulate_backend
+from daemon.cli.solve import solve
 
 app = typer.Typer(
     name="clearbudget",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.traces import (
+from daemon.replay.traces import (
     TraceError,
     detect_format,
     read_azure_csv,

@@ -16,9 +16,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from daemon.backend import BackendError
-from daemon.embedded import free_loopback_port
-from daemon.vllm_pool import BackendRequestError, BreakerSettings, VllmPool
+from daemon.core.ports import BackendError
+from daemon.replay.embedded import free_loopback_port
+from daemon.vllm.pool import BackendRequestError, BreakerSettings, VllmPool
 from tests.support.waiting import until
 
 A = "http://pod-a:8000"  # for argument checks only: nothing is sent there

@@ -14,12 +14,12 @@ from typing import Any
 
 import typer
 
-from daemon.embedded import BrokerStartError, free_loopback_port, start_embedded_broker
-from daemon.kafka_replay import replay_via_kafka
-from daemon.replay import ReplayConfig, ReplayQuery
-from daemon.rollouts import RolloutPool
+from daemon.replay.embedded import BrokerStartError, free_loopback_port, start_embedded_broker
+from daemon.replay.inprocess import ReplayConfig, ReplayQuery
+from daemon.replay.rollouts import RolloutPool
+from daemon.replay.simulator import SimulatedBackend, start_simulator
+from daemon.replay.via_kafka import replay_via_kafka
 from daemon.settings import Settings, SettingsError, load_settings
-from daemon.simulator import SimulatedBackend, start_simulator
 
 MIN_WINDOW_SECONDS = 0.5
 

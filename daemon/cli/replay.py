@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon.replay import POLICIES, ReplayConfig, ReplayQuery, draw_queries, replay
-from daemon.rollouts import RolloutError, RolloutPool, load_rollouts
-from daemon.traces import TraceError, read_trace
+from daemon.replay.inprocess import POLICIES, ReplayConfig, ReplayQuery, draw_queries, replay
+from daemon.replay.rollouts import RolloutError, RolloutPool, load_rollouts
+from daemon.replay.traces import TraceError, read_trace
 from solver.fit import ProbePlan
 
 DEFAULT_TRACE = Path("../shared/data/azure_llm_conv_2023.csv")
@@ -130,7 +130,7 @@ def replay_command(
     pool, queries = load_inputs(trace, rollouts, limit, seed)
     _quiet_logs()
     if kafka:
-        from daemon.demo import replay_on_kafka_from_env
+        from daemon.replay.demo import replay_on_kafka_from_env
 
         report = replay_on_kafka_from_env(queries, pool, config, speedup=speedup)
     else:
@@ -156,7 +156,7 @@ def sweep_command(
 ) -> None:
     """Replay every policy over a grid of budgets; write pareto.json and a pareto.png plot of
     accuracy against tokens per query (the oracle is the ceiling)."""
-    from daemon.pareto import plot_pareto
+    from daemon.replay.pareto import plot_pareto
 
     grid = _parse_grid(budgets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
@@ -212,7 +212,7 @@ def demo_command(
     """One-command demo: an embedded Kafka broker (Tansu) and the recorded-rollout simulator as
     the vLLM pod; a slice of the recorded Azure trace goes through the real daemon path (Kafka →
     windows → probe → fit → solve → HTTP dispatch → results topic) for uniform and clear."""
-    from daemon.demo import run_demo
+    from daemon.replay.demo import run_demo
 
     pool, queries = load_inputs(trace, rollouts, limit, seed)
     _quiet_logs()

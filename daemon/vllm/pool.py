@@ -30,7 +30,7 @@ import orjson
 import yarl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from daemon.backend import BackendError, Completion, FinishReason, Sample
+from daemon.core.ports import BackendError, Completion, FinishReason, Sample
 
 __all__ = [
     "BackendRequestError",

@@ -1,4 +1,5 @@
-"""The completion-backend port: what the pipeline needs from a vLLM pod (or the simulator).
+"""The ports of the window core: the completion backend (a vLLM pod pool or the simulator)
+and the sink that takes terminal outcomes (Kafka, or replay's in-memory collector).
 
 Both the vLLM HTTP pool and the recorded-rollout simulator implement `CompletionBackend`,
 so the pipeline, trace replay and the daemon share one code path.
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from schemas.messages import DeadLetter, QueryResult, WindowReport
 
 FinishReason = Literal["stop", "length"]
 
@@ -59,3 +62,13 @@ class CompletionBackend(Protocol):
         `prompt` is text or, where the backend supports it, a list of token ids (vLLM does).
         """
         ...
+
+
+class ResultSink(Protocol):
+    """Where terminal outcomes go; the daemon marks offsets done only after these return."""
+
+    async def publish_results(self, results: Sequence[QueryResult]) -> None: ...
+
+    async def publish_dead_letters(self, records: Sequence[DeadLetter]) -> None: ...
+
+    async def publish_window(self, report: WindowReport) -> None: ...

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.rollouts import (
+from daemon.replay.rollouts import (
     RolloutError,
     RolloutPool,
     RolloutRecord,

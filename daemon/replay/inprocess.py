@@ -16,19 +16,19 @@ import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry
 
-from daemon.budget import BudgetLedger
-from daemon.metrics import PipelineMetrics
-from daemon.pipeline import PendingQuery, WindowPipeline
-from daemon.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
-from daemon.rollouts import (
+from daemon.core.budget import BudgetLedger
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import PendingQuery, WindowPipeline
+from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.core.windowing import Window, WindowAssembler
+from daemon.replay.rollouts import (
     RolloutPool,
     draw_counts,
     oracle_allocation,
     uniform_cap_for_cost,
 )
-from daemon.simulator import SimulatedBackend, grade, prompt_for
-from daemon.traces import Arrival
-from daemon.windowing import Window, WindowAssembler
+from daemon.replay.simulator import SimulatedBackend, grade, prompt_for
+from daemon.replay.traces import Arrival
 from schemas.messages import QueryRequest, QueryResult, Status
 from solver.fit import ProbePlan
 from solver.priors import PriorBook

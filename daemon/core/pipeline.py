@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from daemon.backend import BackendError, Completion, CompletionBackend, Sample
-from daemon.metrics import PipelineMetrics
-from daemon.offsets import PartitionKey
-from daemon.policies import AllocationPolicy, Decision, QueryView
-from daemon.windowing import Window
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.policies import AllocationPolicy, Decision, QueryView
+from daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
+from daemon.core.windowing import Window
+from daemon.kafka.offsets import PartitionKey
 from schemas.messages import QueryRequest, QueryResult, Status, StatusCounts, WindowReport
 from solver.answers import extract_answer
 from solver.fit import ProbeOutcome, ProbePlan

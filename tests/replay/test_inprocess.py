@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.replay import ReplayConfig, draw_queries, replay
-from daemon.rollouts import load_rollouts, uniform_cap_for_cost
-from daemon.traces import read_trace
+from daemon.replay.inprocess import ReplayConfig, draw_queries, replay
+from daemon.replay.rollouts import load_rollouts, uniform_cap_for_cost
+from daemon.replay.traces import read_trace
 
 REPORT_KEYS = {
     "policy", "queries", "answered", "abandoned", "failed", "mean_accuracy", "tokens_total",

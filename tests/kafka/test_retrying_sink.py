@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.errors import KafkaConnectionError
 
-from daemon.kafka_io import BrokerHealth, RetryingSink
+from daemon.kafka.sinks import BrokerHealth, RetryingSink
 from schemas.messages import DeadLetter, QueryResult, Status, WindowReport
 
 

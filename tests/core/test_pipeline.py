@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.backend import BackendError, Completion, CompletionBackend
-from daemon.metrics import PipelineMetrics
-from daemon.pipeline import PendingQuery, WindowPipeline
-from daemon.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
-from daemon.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.simulator import SimulatedBackend, grade, prompt_for
-from daemon.windowing import Window
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import PendingQuery, WindowPipeline
+from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.core.ports import BackendError, Completion, CompletionBackend
+from daemon.core.windowing import Window
+from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from daemon.replay.simulator import SimulatedBackend, grade, prompt_for
 from schemas.messages import QueryRequest, Status
 from solver.fit import ProbePlan
 from solver.priors import PriorBook

@@ -4,36 +4,21 @@ daemon (consumer, windows, pipeline, HTTP backend pool), and read the results to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
 from daemon.app import run_daemon
-from daemon.replay import ReplayConfig, ReplayQuery, make_policy, score
-from daemon.rollouts import RolloutPool
+from daemon.kafka.clients import ensure_topics
+from daemon.replay.inprocess import ReplayConfig, ReplayQuery, make_policy, score
+from daemon.replay.rollouts import RolloutPool
 from daemon.settings import Settings
 from schemas.messages import QueryResult
 
 RESULT_WAIT_S = 120.0
-
-
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another replica made them
-                await admin.create_topics(new)
-    finally:
-        await admin.close()
 
 
 async def replay_via_kafka(

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from daemon.backend import Completion, FinishReason, Sample
-from daemon.rollouts import RolloutPool, RolloutRecord
+from daemon.core.ports import Completion, FinishReason, Sample
+from daemon.replay.rollouts import RolloutPool, RolloutRecord
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.budget import BudgetLedger
-from daemon.offsets import OffsetTracker, PartitionKey
-from daemon.windowing import WindowAssembler
+from daemon.core.budget import BudgetLedger
+from daemon.core.windowing import WindowAssembler
+from daemon.kafka.offsets import OffsetTracker, PartitionKey
 
 
 def test_window_closes_by_time_and_spans_from_previous_close() -> None:

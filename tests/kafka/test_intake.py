@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from daemon.intake import Intake, IntakeLimits, Rejection
+from daemon.kafka.intake import Intake, IntakeLimits, Rejection
 from schemas import DeadLetter, QueryRequest, QueryResult, Status
 from schemas.types import ID_PATTERN, MAX_EPOCH_SECONDS, TAG_KEY_PATTERN
 

@@ -12,10 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
-from daemon.backend import Completion, CompletionBackend, Sample
 from daemon.cli import app
-from daemon.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
-from daemon.simulator import (
+from daemon.core.ports import Completion, CompletionBackend, Sample
+from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
+from daemon.replay.simulator import (
     PodTiming,
     RunningSimulator,
     SimulatedBackend,

@@ -10,8 +10,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from daemon.rollouts import RolloutError, load_rollouts
-from daemon.simulator import DEFAULT_MODEL_NAME, PodTiming, SimulatedBackend, start_simulator
+from daemon.replay.rollouts import RolloutError, load_rollouts
+from daemon.replay.simulator import DEFAULT_MODEL_NAME, PodTiming, SimulatedBackend, start_simulator
 
 DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
 

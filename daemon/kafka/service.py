@@ -18,13 +18,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from daemon.budget import BudgetLedger
-from daemon.intake import Intake, Rejection
-from daemon.kafka_io import BrokerHealth, ResultSink
-from daemon.metrics import PipelineMetrics
-from daemon.offsets import OffsetTracker, PartitionKey
-from daemon.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, unserved_results
-from daemon.windowing import Window, WindowAssembler
+from daemon.core.budget import BudgetLedger
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, unserved_results
+from daemon.core.ports import ResultSink
+from daemon.core.windowing import Window, WindowAssembler
+from daemon.kafka.intake import Intake, Rejection
+from daemon.kafka.offsets import OffsetTracker, PartitionKey
+from daemon.kafka.sinks import BrokerHealth
 from schemas.messages import Status
 
 POLL_TIMEOUT_MS = 100
