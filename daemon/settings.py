@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.messages import DEFAULT_MAX_PROMPT_BYTES
+
 ENV_PREFIX = "CLEAR_"
 DEFAULT_ENV_FILE = Path(".env")
 
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
     probe_samples: int = Field(default=1, ge=0, le=64, description="0 disables probing.")
     probe_tokens: int = Field(default=256, gt=0)
     max_tokens_per_query: int = Field(default=8192, gt=0)
-    max_prompt_bytes: int = Field(default=131072, gt=0)
+    max_prompt_bytes: int = Field(default=DEFAULT_MAX_PROMPT_BYTES, gt=0)
 
     # --- Process ---------------------------------------------------------------------------
     http_port: int = Field(default=8080, ge=1, le=65535)

@@ -135,6 +135,29 @@ class QueryResult(_Message):
     window_id: Id | None
     reason: Annotated[Text, Field(min_length=1, max_length=MAX_REASON_CHARS)] | None = None
 
+    @classmethod
+    def unspent(
+        cls,
+        query_id: str,
+        status: Status,
+        reason: str,
+        *,
+        window_id: str | None = None,
+        shadow_price: float | None = None,
+    ) -> QueryResult:
+        """The result of a query that generated no tokens (rejected, or never served); the
+        reason is clipped to the schema's limit."""
+        return cls(
+            id=query_id,
+            status=status,
+            tokens_used=0,
+            tokens_probe=0,
+            allocated_tokens=0,
+            shadow_price=shadow_price,
+            window_id=window_id,
+            reason=reason[:MAX_REASON_CHARS],
+        )
+
     @model_validator(mode="after")
     def _consistent_with_status(self) -> Self:
         if self.tokens_probe > self.tokens_used:

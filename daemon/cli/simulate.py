@@ -11,7 +11,8 @@ from typing import Annotated, NoReturn
 import typer
 
 from daemon.replay.rollouts import RolloutError, load_rollouts
-from daemon.replay.simulator import DEFAULT_MODEL_NAME, PodTiming, SimulatedBackend, start_simulator
+from daemon.replay.sim_server import DEFAULT_MODEL_NAME, PodTiming, start_simulator
+from daemon.replay.simulator import SimulatedBackend
 
 DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
 

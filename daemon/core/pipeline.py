@@ -7,7 +7,7 @@ and trace replay run exactly this code and are charged for exactly the tokens ge
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,7 +17,6 @@ from daemon.core.metrics import PipelineMetrics
 from daemon.core.policies import AllocationPolicy, Decision, QueryView
 from daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
 from daemon.core.windowing import Window
-from daemon.kafka.offsets import PartitionKey
 from schemas.messages import QueryRequest, QueryResult, Status, StatusCounts, WindowReport
 from solver.answers import extract_answer
 from solver.fit import ProbeOutcome, ProbePlan
@@ -31,7 +30,8 @@ class PendingQuery:
 
     request: QueryRequest
     arrived_at: float
-    partition: PartitionKey | None = None
+    # Where the source read it, opaque to the core (the Kafka service: its TopicPartition).
+    partition: Hashable | None = None
     offset: int = -1
 
 
@@ -286,15 +286,8 @@ def unserved_results(
     """Terminal results for queries the pipeline could not serve (a window that raised, a
     shutdown deadline): no tokens are attributed, the reason says why."""
     return [
-        QueryResult(
-            id=item.request.id,
-            status=status,
-            tokens_used=0,
-            tokens_probe=0,
-            allocated_tokens=0,
-            shadow_price=shadow_price,
-            window_id=window_id,
-            reason=reason[:2000],
+        QueryResult.unspent(
+            item.request.id, status, reason, window_id=window_id, shadow_price=shadow_price
         )
         for item in items
     ]

@@ -120,22 +120,19 @@ class Intake:
         partition: int,
         offset: int,
         seen_ids: MutableSet[str],
-        window_id: str | None = None,
     ) -> QueryRequest | Rejection:
         """Validate one record. `seen_ids` is the current window's set of admitted ids: an
         admitted request's id is added to it, and an id already in it is a duplicate."""
         try:
             request = _parse_request(value, self.limits)
         except _Invalid as invalid:
-            return self._reject(
-                value, invalid.error, invalid.query_id, topic, partition, offset, window_id
-            )
+            return self._reject(value, invalid.error, invalid.query_id, topic, partition, offset)
         except Exception as exc:  # a bug must not stop the consumer; the DLQ keeps the record
             error = f"message: could not be validated ({type(exc).__name__})"
-            return self._reject(value, error, None, topic, partition, offset, window_id)
+            return self._reject(value, error, None, topic, partition, offset)
         if request.id in seen_ids:
             error = "id: duplicate of an id already received in this window"
-            return self._reject(value, error, request.id, topic, partition, offset, window_id)
+            return self._reject(value, error, request.id, topic, partition, offset)
         seen_ids.add(request.id)
         return request
 
@@ -147,7 +144,6 @@ class Intake:
         topic: str,
         partition: int,
         offset: int,
-        window_id: str | None,
     ) -> Rejection:
         error = _clip(error, MAX_REASON_CHARS)
         dead_letter = DeadLetter(
@@ -159,22 +155,8 @@ class Intake:
             query_id=query_id,
             **_value_fields(value, self.limits),
         )
-        result = None if query_id is None else rejected_result(query_id, error, window_id)
+        result = None if query_id is None else QueryResult.unspent(query_id, Status.REJECTED, error)
         return Rejection(dead_letter=dead_letter, result=result)
-
-
-def rejected_result(query_id: str, reason: str, window_id: str | None = None) -> QueryResult:
-    """The `rejected` result published for a refused record whose id was readable."""
-    return QueryResult(
-        id=query_id,
-        status=Status.REJECTED,
-        tokens_used=0,
-        tokens_probe=0,
-        allocated_tokens=0,
-        shadow_price=None,
-        window_id=window_id,
-        reason=reason,
-    )
 
 
 def _parse_request(value: bytes | None, limits: IntakeLimits) -> QueryRequest:

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-
-class PartitionKey(NamedTuple):
-    topic: str
-    partition: int
+from aiokafka import TopicPartition
 
 
 @dataclass
@@ -26,15 +22,15 @@ class _PartitionState:
 
 @dataclass
 class OffsetTracker:
-    _partitions: dict[PartitionKey, _PartitionState] = field(default_factory=dict)
+    _partitions: dict[TopicPartition, _PartitionState] = field(default_factory=dict)
 
-    def consumed(self, key: PartitionKey, offset: int) -> None:
+    def consumed(self, key: TopicPartition, offset: int) -> None:
         # The first offset read is where the group's committed position already stands.
         state = self._partitions.setdefault(key, _PartitionState(committed=offset))
         state.in_flight.add(offset)
         state.highest_seen = max(state.highest_seen, offset)
 
-    def done(self, key: PartitionKey, offset: int) -> None:
+    def done(self, key: TopicPartition, offset: int) -> None:
         state = self._partitions.get(key)
         if state is not None:
             state.in_flight.discard(offset)
@@ -42,21 +38,21 @@ class OffsetTracker:
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self._partitions.values())
 
-    def committable(self) -> dict[PartitionKey, int]:
+    def committable(self) -> dict[TopicPartition, int]:
         """Positions to commit now (next offset to read), only where they moved forward."""
-        positions: dict[PartitionKey, int] = {}
+        positions: dict[TopicPartition, int] = {}
         for key, state in self._partitions.items():
             position = min(state.in_flight) if state.in_flight else state.highest_seen + 1
             if state.committed is None or position > state.committed:
                 positions[key] = position
         return positions
 
-    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+    def mark_committed(self, positions: dict[TopicPartition, int]) -> None:
         for key, position in positions.items():
             if key in self._partitions:
                 self._partitions[key].committed = position
 
-    def forget(self, keys: Iterable[PartitionKey]) -> None:
+    def forget(self, keys: Iterable[TopicPartition]) -> None:
         """Drop revoked partitions: another replica now owns their uncommitted tail."""
         for key in keys:
             self._partitions.pop(key, None)

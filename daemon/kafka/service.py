@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
@@ -24,7 +25,7 @@ from daemon.core.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, 
 from daemon.core.ports import ResultSink
 from daemon.core.windowing import Window, WindowAssembler
 from daemon.kafka.intake import Intake, Rejection
-from daemon.kafka.offsets import OffsetTracker, PartitionKey
+from daemon.kafka.offsets import OffsetTracker
 from daemon.kafka.sinks import BrokerHealth
 from schemas.messages import Status
 
@@ -35,21 +36,37 @@ COMMIT_INTERVAL_S = 0.5
 MAX_RECORDS_PER_POLL = 2000
 
 
+class Consumer(Protocol):
+    """What the loop needs of a Kafka consumer (aiokafka's `AIOKafkaConsumer` has it all), so
+    the loop can be unit-tested with an in-memory one."""
+
+    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None: ...
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, list[ConsumerRecord[Any, Any]]]: ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def pause(self, *partitions: TopicPartition) -> None: ...
+
+    def resume(self, *partitions: TopicPartition) -> None: ...
+
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None: ...
+
+    async def topics(self) -> set[str]: ...
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
+
+
 @dataclass
 class DaemonState:
     """What /readyz and /healthz report."""
 
     consuming: bool = False
-    assigned_partitions: int = 0
     last_poll_at: float = 0.0
     fatal_error: str | None = None
     windows_done: int = 0
-
-
-@dataclass
-class _Running:
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    items: dict[str, tuple[PendingQuery, ...]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -58,7 +75,7 @@ class Daemon:
     def __init__(
         self,
         *,
-        consumer: AIOKafkaConsumer,
+        consumer: Consumer,
         sink: ResultSink,
         pipeline: WindowPipeline,
         ledger: BudgetLedger,
@@ -91,11 +108,14 @@ class Daemon:
         self._offsets = OffsetTracker()
         self._windows: asyncio.Queue[Window[PendingQuery]] = asyncio.Queue(max_windows_in_flight)
         self._slots = asyncio.Semaphore(max_windows_in_flight)
-        self._running = _Running()
+        # Window tasks in flight and the queries each holds (for the shutdown deadline).
+        self._running: dict[asyncio.Task[None], tuple[PendingQuery, ...]] = {}
         self._shutdown_deadline_s = shutdown_deadline_s
         self._last_commit = 0.0
         self._paused = False
         self.state = DaemonState()
+        # Set once the group gave this replica partitions: its budget share is known from then.
+        self.assigned = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -163,9 +183,8 @@ class Daemon:
             self._paused = False
 
     # --- intake ---------------------------------------------------------------------------
-    def _admit(self, tp: TopicPartition, record: ConsumerRecord) -> Rejection | None:
-        key = PartitionKey(tp.topic, tp.partition)
-        self._offsets.consumed(key, record.offset)
+    def _admit(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> Rejection | None:
+        self._offsets.consumed(tp, record.offset)
         admitted = self._intake.admit(
             record.value,
             topic=tp.topic,
@@ -175,7 +194,7 @@ class Daemon:
         )
         if isinstance(admitted, Rejection):
             return admitted
-        pending = PendingQuery(admitted, self._clock(), key, record.offset)
+        pending = PendingQuery(admitted, self._clock(), tp, record.offset)
         self._enqueue(self._assembler.add(pending, pending.arrived_at))
         return None
 
@@ -201,7 +220,7 @@ class Daemon:
         self._metrics.queries.labels(status="rejected").inc(len(rejections))
         for rejection in rejections:
             letter = rejection.dead_letter
-            self._offsets.done(PartitionKey(letter.topic, letter.partition), letter.offset)
+            self._offsets.done(TopicPartition(letter.topic, letter.partition), letter.offset)
 
     # --- windows --------------------------------------------------------------------------
     async def _dispatch_windows(self) -> None:
@@ -212,9 +231,8 @@ class Daemon:
 
     def _start_window(self, window: Window[PendingQuery], *, holds_slot: bool = False) -> None:
         task = asyncio.create_task(self._run_window(window, holds_slot), name=window.window_id)
-        self._running.tasks.add(task)
-        self._running.items[window.window_id] = window.items
-        task.add_done_callback(self._running.tasks.discard)
+        self._running[task] = window.items
+        task.add_done_callback(self._running.pop)
 
     async def _run_window(self, window: Window[PendingQuery], holds_slot: bool) -> None:
         started = self._clock()
@@ -234,7 +252,6 @@ class Daemon:
             self._metrics.window_errors.inc()
             await self._fail_window(window, exc)
         finally:
-            self._running.items.pop(window.window_id, None)
             if holds_slot:
                 self._slots.release()
 
@@ -265,15 +282,13 @@ class Daemon:
         await self.commit()
 
     async def commit(self) -> None:
-        positions = self._offsets.committable()
         assigned = self._consumer.assignment()
-        positions = {k: v for k, v in positions.items() if TopicPartition(*k) in assigned}
+        positions = {tp: v for tp, v in self._offsets.committable().items() if tp in assigned}
         if not positions:
             return
-        offsets = {TopicPartition(*k): v for k, v in positions.items()}
         try:
             # Bounded: aiokafka would otherwise wait for a coordinator for as long as it is gone.
-            await asyncio.wait_for(self._consumer.commit(offsets), BROKER_CHECK_TIMEOUT_S)
+            await asyncio.wait_for(self._consumer.commit(positions), BROKER_CHECK_TIMEOUT_S)
         except (KafkaError, TimeoutError) as exc:  # the next interval tries again
             self.broker_health.down(exc)
             self._log.warning("commit_failed", error=str(exc))
@@ -285,13 +300,14 @@ class Daemon:
         mine = sum(1 for tp in assigned if tp.topic == self._topic)
         self._ledger.set_share(mine / total)
         self._metrics.budget_share.set(mine / total)
-        self.state.assigned_partitions = mine
+        if mine:
+            self.assigned.set()
         self._log.info("partitions_assigned", assigned=mine, total=total, share=mine / total)
 
     async def on_revoke(self, revoked: set[TopicPartition]) -> None:
         with contextlib.suppress(Exception):
             await self.commit()
-        self._offsets.forget(PartitionKey(tp.topic, tp.partition) for tp in revoked)
+        self._offsets.forget(revoked)
 
     # --- shutdown -------------------------------------------------------------------------
     async def _drain(self, dispatcher: asyncio.Task[None]) -> None:
@@ -304,7 +320,7 @@ class Daemon:
         dispatcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await dispatcher
-        pending = set(self._running.tasks)
+        pending = set(self._running)
         if pending:
             _, late = await asyncio.wait(pending, timeout=self._shutdown_deadline_s)
             await self._abandon_late(late)
@@ -312,7 +328,7 @@ class Daemon:
             await self.commit()
 
     async def _abandon_late(self, late: set[asyncio.Task[None]]) -> None:
-        leftovers = [item for task in late for item in self._running.items.get(task.get_name(), ())]
+        leftovers = [item for task in late for item in self._running.get(task, ())]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)

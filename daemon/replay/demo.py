@@ -17,7 +17,8 @@ import typer
 from daemon.replay.embedded import BrokerStartError, free_loopback_port, start_embedded_broker
 from daemon.replay.inprocess import ReplayConfig, ReplayQuery
 from daemon.replay.rollouts import RolloutPool
-from daemon.replay.simulator import SimulatedBackend, start_simulator
+from daemon.replay.sim_server import start_simulator
+from daemon.replay.simulator import SimulatedBackend
 from daemon.replay.via_kafka import replay_via_kafka
 from daemon.settings import Settings, SettingsError, load_settings
 

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from daemon.app import run_daemon
 from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
 from daemon.replay.rollouts import load_rollouts
-from daemon.replay.simulator import SimulatedBackend, prompt_for, start_simulator
+from daemon.replay.sim_server import start_simulator
+from daemon.replay.simulator import SimulatedBackend, prompt_for
 from daemon.settings import load_settings
 from schemas.messages import DeadLetter, QueryResult, Status
 

@@ -37,12 +37,11 @@ def admit(
     value: bytes | None,
     seen: set[str] | None = None,
     limits: IntakeLimits | None = None,
-    window_id: str | None = "w-7",
 ) -> QueryRequest | Rejection:
     intake = Intake(limits, clock=fixed_clock)
     seen = set() if seen is None else seen
     return intake.admit(
-        value, topic=TOPIC, partition=PARTITION, offset=OFFSET, seen_ids=seen, window_id=window_id
+        value, topic=TOPIC, partition=PARTITION, offset=OFFSET, seen_ids=seen
     )
 
 
@@ -248,7 +247,7 @@ def test_rejection_carries_dlq_record_and_rejected_result() -> None:
         tokens_probe=0,
         allocated_tokens=0,
         shadow_price=None,
-        window_id="w-7",
+        window_id=None,
         reason="weight: must be >= 0",
     )
 
@@ -404,7 +403,7 @@ def admit_window(window: list[tuple[str, bytes | None]], tally: Counter[str]) ->
     for offset, (expectation, value) in enumerate(window):
         seen_before = set(seen)
         outcome = intake.admit(
-            value, topic=TOPIC, partition=PARTITION, offset=offset, seen_ids=seen, window_id="w-1"
+            value, topic=TOPIC, partition=PARTITION, offset=offset, seen_ids=seen
         )
         if isinstance(outcome, QueryRequest):
             assert expectation != "invalid", value

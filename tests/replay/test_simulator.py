@@ -15,17 +15,19 @@ from typer.testing import CliRunner
 from daemon.cli import app
 from daemon.core.ports import Completion, CompletionBackend, Sample
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
-from daemon.replay.simulator import (
+from daemon.replay.sim_server import (
     PodTiming,
     RunningSimulator,
-    SimulatedBackend,
-    SimulationRequestError,
     _DecodeSlots,
     create_app,
+    start_simulator,
+)
+from daemon.replay.simulator import (
+    SimulatedBackend,
+    SimulationRequestError,
     find_marker,
     grade,
     prompt_for,
-    start_simulator,
 )
 from tests.support.waiting import until
 
@@ -83,6 +85,10 @@ async def test_truncation_rule_finish_reasons_and_usage(backend: SimulatedBacken
             assert "boxed" not in sample.text
     assert out.completion_tokens == 100 + 300 + 300 + 300
     assert out.prompt_tokens == 40
+
+
+def test_backend_is_always_ready(backend: SimulatedBackend) -> None:
+    assert backend.ready()
 
 
 async def test_chain_exactly_at_cap_finishes(backend: SimulatedBackend) -> None:

@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from daemon.core.ports import BackendError
 from daemon.replay.embedded import free_loopback_port
-from daemon.vllm.pool import BackendRequestError, BreakerSettings, VllmPool
+from daemon.vllm.breaker import BreakerSettings
+from daemon.vllm.pool import AiohttpTransport, BackendRequestError, VllmPool
 from tests.support.waiting import until
 
 A = "http://pod-a:8000"  # for argument checks only: nothing is sent there
@@ -618,8 +619,10 @@ async def test_closed_pool_refuses_and_closes_its_session(
     assert pool.ready()
     await pool.aclose()
     assert not pool.ready()
-    assert pool._session is not None
-    assert pool._session.closed
+    transport = pool._transport
+    assert isinstance(transport, AiohttpTransport)
+    assert transport._session is not None
+    assert transport._session.closed
     with pytest.raises(BackendError, match="closed"):
         await pool.complete("hi", n=1, max_tokens=4)
     assert len(pods.requests) == 1

@@ -1,0 +1,181 @@
+"""The daemon's consume loop with an in-memory consumer: admit, window, publish, commit, drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
+
+from daemon.core.budget import BudgetLedger
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import WindowPipeline
+from daemon.core.policies import UniformPolicy
+from daemon.kafka.intake import Intake
+from daemon.kafka.service import Daemon
+from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from daemon.replay.simulator import SimulatedBackend, prompt_for
+from schemas.messages import DeadLetter, QueryRequest, QueryResult, Status, WindowReport
+from tests.support.waiting import until
+
+TOPIC = "clear.queries"
+POOL = RolloutPool(
+    [
+        RolloutRecord(
+            model="m",
+            benchmark="b",
+            problem_id="p",
+            prompt_tokens=10,
+            gold="7",
+            samples=(RolloutSample(tokens=100, correct=True, answer="7"),) * 2,
+        )
+    ]
+)
+
+
+class MemoryConsumer:
+    """A consumer over in-memory partitions: assigns them all on the first poll."""
+
+    def __init__(self, partitions: int) -> None:
+        self.logs: dict[TopicPartition, list[bytes]] = {
+            TopicPartition(TOPIC, p): [] for p in range(partitions)
+        }
+        self.positions = dict.fromkeys(self.logs, 0)
+        self.committed: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
+        self._listener: ConsumerRebalanceListener | None = None
+        self._assigned: set[TopicPartition] = set()
+
+    def append(self, partition: int, value: bytes) -> None:
+        self.logs[TopicPartition(TOPIC, partition)].append(value)
+
+    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None:
+        assert topics == [TOPIC]
+        self._listener = listener
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        if not self._assigned and self._listener is not None:
+            self._assigned = set(self.logs)
+            await self._listener.on_partitions_assigned(self._assigned)
+        await asyncio.sleep(0.001)
+        batch = {}
+        for tp in self._assigned - self.paused:
+            start = self.positions[tp]
+            values = self.logs[tp][start:]
+            if values:
+                batch[tp] = [_record(tp, start + i, v) for i, v in enumerate(values)]
+                self.positions[tp] = start + len(values)
+        return batch
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused.difference_update(partitions)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        self.committed.update(offsets or {})
+
+    async def topics(self) -> set[str]:
+        return {TOPIC}
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {tp.partition for tp in self.logs} if topic == TOPIC else None
+
+
+def _record(tp: TopicPartition, offset: int, value: bytes) -> ConsumerRecord[Any, Any]:
+    size = len(value)
+    return ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, None, value, None, 0, size, ())
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.results: list[QueryResult] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.windows: list[WindowReport] = []
+
+    async def publish_results(self, results: Sequence[QueryResult]) -> None:
+        self.results.extend(results)
+
+    async def publish_dead_letters(self, records: Sequence[DeadLetter]) -> None:
+        self.dead_letters.extend(records)
+
+    async def publish_window(self, report: WindowReport) -> None:
+        self.windows.append(report)
+
+
+def make_daemon(consumer: MemoryConsumer, sink: MemorySink, **kwargs: Any) -> Daemon:
+    metrics = PipelineMetrics.create(CollectorRegistry())
+    pipeline = WindowPipeline(
+        SimulatedBackend(POOL), UniformPolicy(cap=500), metrics, max_tokens_per_query=1 << 16
+    )
+    options: dict[str, Any] = {"window_seconds": 0.05, "window_max_queries": 10} | kwargs
+    return Daemon(
+        consumer=consumer,
+        sink=sink,
+        pipeline=pipeline,
+        ledger=BudgetLedger(tokens_per_second=1e6, carry_over_cap_tokens=0.0),
+        intake=Intake(),
+        metrics=metrics,
+        input_topic=TOPIC,
+        **options,
+    )
+
+
+def query(i: int) -> bytes:
+    request = QueryRequest(id=f"q{i}", prompt=prompt_for(POOL.records[0]))
+    return request.model_dump_json().encode()
+
+
+async def run_until(daemon: Daemon, done: Any) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(done, within_s=10.0)
+    finally:
+        stop.set()
+        await task
+
+
+async def test_every_record_gets_one_result_and_offsets_commit_past_it() -> None:
+    consumer, sink = MemoryConsumer(partitions=2), MemorySink()
+    for i in range(25):
+        consumer.append(i % 2, query(i))
+    consumer.append(0, b"not json")
+    daemon = make_daemon(consumer, sink)
+    await run_until(daemon, lambda: len(sink.results) == 25 and sink.dead_letters)
+    assert daemon.assigned.is_set()
+    assert sorted(r.id for r in sink.results) == sorted(f"q{i}" for i in range(25))
+    assert {r.status for r in sink.results} == {Status.ANSWERED}
+    (letter,) = sink.dead_letters
+    assert (letter.partition, letter.offset) == (0, 13)
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 14, TopicPartition(TOPIC, 1): 12}
+    assert sum(w.counts.answered for w in sink.windows) == 25
+
+
+async def test_a_duplicate_id_in_one_window_is_rejected_not_run_twice() -> None:
+    consumer, sink = MemoryConsumer(partitions=1), MemorySink()
+    consumer.append(0, query(1))
+    consumer.append(0, query(1))
+    daemon = make_daemon(consumer, sink, window_seconds=5.0)
+    await run_until(daemon, lambda: len(sink.results) == 2)
+    assert sorted(r.status for r in sink.results) == [Status.ANSWERED, Status.REJECTED]
+    assert len(sink.dead_letters) == 1
+
+
+async def test_shutdown_runs_the_open_window_and_commits_it() -> None:
+    consumer, sink = MemoryConsumer(partitions=1), MemorySink()
+    for i in range(3):
+        consumer.append(0, query(i))
+    daemon = make_daemon(consumer, sink, window_seconds=3600.0)  # only the drain closes it
+    await run_until(daemon, lambda: consumer.positions[TopicPartition(TOPIC, 0)] == 3)
+    assert len(sink.results) == 3
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 3}
