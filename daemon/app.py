@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import structlog
@@ -83,8 +84,12 @@ async def run_daemon(
     backend: CompletionBackend | None = None,
     policy: AllocationPolicy | None = None,
     http_host: str = "0.0.0.0",
+    on_start: Callable[[Daemon], None] | None = None,
 ) -> Daemon:
-    """Run until `stop` is set; returns the daemon (its state) after a clean drain."""
+    """Run until `stop` is set; returns the daemon (its state) after a clean drain.
+
+    `on_start` receives the daemon once it is built, before it consumes (e.g. to wait on its
+    `assigned` event)."""
     registry = registry or CollectorRegistry()
     metrics = PipelineMetrics.create(registry)
     log = structlog.get_logger("clearbudget")
@@ -128,6 +133,8 @@ async def run_daemon(
         log.info(
             "started", input_topic=settings.input_topic, endpoints=len(settings.vllm_endpoints)
         )
+        if on_start is not None:
+            on_start(daemon)
         await daemon.run(stop)
         log.info("stopped", windows=daemon.state.windows_done)
     return daemon
@@ -146,8 +153,7 @@ def _readiness(daemon: Daemon, backend: CompletionBackend) -> str | None:
         return "not consuming"
     if not daemon.broker_health.ok:
         return f"Kafka broker unreachable ({daemon.broker_health.last_error})"
-    ready = getattr(backend, "ready", None)
-    if callable(ready) and not ready():
+    if not backend.ready():
         return "no vLLM endpoint is available (all circuit breakers open)"
     return None
 

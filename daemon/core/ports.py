@@ -63,6 +63,10 @@ class CompletionBackend(Protocol):
         """
         ...
 
+    def ready(self) -> bool:
+        """Whether a request could be sent now (for /readyz: False while every pod is out)."""
+        ...
+
 
 class ResultSink(Protocol):
     """Where terminal outcomes go; the daemon marks offsets done only after these return."""

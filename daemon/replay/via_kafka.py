@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from prometheus_client import CollectorRegistry
 
 from daemon.app import run_daemon
 from daemon.kafka.clients import ensure_topics
+from daemon.kafka.service import Daemon
 from daemon.replay.inprocess import ReplayConfig, ReplayQuery, make_policy, score
 from daemon.replay.rollouts import RolloutPool
 from daemon.settings import Settings
@@ -36,10 +36,12 @@ async def replay_via_kafka(
     topics = [settings.input_topic, settings.result_topic, settings.dlq_topic]
     await ensure_topics(settings.kafka_bootstrap, topics)
     stop = asyncio.Event()
-    registry = CollectorRegistry()
     policy = make_policy(config, pool, queries)
+    started_daemon: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
     daemon_task = asyncio.create_task(
-        run_daemon(settings, stop, registry=registry, policy=policy, http_host="127.0.0.1")
+        run_daemon(
+            settings, stop, policy=policy, http_host="127.0.0.1", on_start=started_daemon.set_result
+        )
     )
     reader = AIOKafkaConsumer(
         settings.result_topic,
@@ -50,7 +52,7 @@ async def replay_via_kafka(
     await reader.start()
     try:
         # The budget accrues in wall-clock time: start the trace once the daemon holds partitions.
-        await _wait_for_assignment(registry, daemon_task)
+        daemon = await _wait_for_assignment(started_daemon, daemon_task)
         await _produce_at_pace(queries, settings, speedup)
         results = await _collect(reader, {q.request.id for q in queries}, daemon_task, on_result)
     finally:
@@ -62,7 +64,7 @@ async def replay_via_kafka(
         (queries[-1].arrival - queries[0].arrival) / speedup if queries else 0.0,
         settings.window_seconds,
     )
-    report["windows"] = int(_sample(registry, "clear_windows_total"))
+    report["windows"] = daemon.state.windows_done
     return report
 
 
@@ -114,18 +116,23 @@ async def _collect(
 
 
 async def _wait_for_assignment(
-    registry: CollectorRegistry, daemon_task: asyncio.Task[Any], limit_s: float = 60.0
-) -> None:
-    deadline = time.monotonic() + limit_s
-    while _sample(registry, "clear_budget_share") <= 0:
-        if daemon_task.done():
-            daemon_task.result()
-            raise RuntimeError("the daemon stopped before joining its consumer group")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the daemon got no partitions within {limit_s:.0f} s")
-        await asyncio.sleep(0.1)
+    started: asyncio.Future[Daemon], daemon_task: asyncio.Task[Any], limit_s: float = 60.0
+) -> Daemon:
+    """The running daemon, once its consumer group has given it partitions."""
 
+    async def assigned() -> Daemon:
+        daemon = await started
+        await daemon.assigned.wait()
+        return daemon
 
-def _sample(registry: CollectorRegistry, name: str) -> float:
-    value = registry.get_sample_value(name)
-    return float(value or 0.0)
+    waiter = asyncio.ensure_future(assigned())
+    done, _ = await asyncio.wait(
+        {waiter, daemon_task}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+    )
+    if waiter in done:
+        return waiter.result()
+    waiter.cancel()
+    if daemon_task.done():
+        daemon_task.result()
+        raise RuntimeError("the daemon stopped before joining its consumer group")
+    raise TimeoutError(f"the daemon got no partitions within {limit_s:.0f} s")

@@ -139,6 +139,9 @@ class FailingBackend:
     ) -> Completion:
         raise BackendError("all endpoints down")
 
+    def ready(self) -> bool:
+        return True
+
 
 @pytest.mark.parametrize(
     "policy", [UniformPolicy(cap=500), ClearPolicy(ProbePlan(1, 256), PriorBook())]
