@@ -17,7 +17,6 @@ Per query (vectorised over the window):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ __all__ = [
     "ProbeOutcome",
     "ProbePlan",
     "WindowFit",
-    "fit_query",
     "fit_window",
     "select_probes",
 ]
@@ -179,47 +177,6 @@ def fit_window(
         fallback_answer=fallback,
         continue_from=continue_from.astype(np.int64),
         probe_tokens=np.where(lengths >= 0, lengths, 0).sum(axis=1).astype(np.int64),
-    )
-
-
-def fit_query(
-    outcomes: Sequence[ProbeOutcome],
-    tags: Mapping[str, str],
-    hint: float | None,
-    plan: ProbePlan,
-    priors: PriorBook,
-    settings: FitSettings | None = None,
-) -> CurveEstimate:
-    """One query's fit, written out scalar by scalar (the reference `fit_window` must match)."""
-    s = settings or FitSettings()
-    _check_window([outcomes], [tags], [hint], plan)
-    p = plan.tokens if plan.enabled else 0
-    cond = priors.prior(tags, survived=p)
-    beta = cond.beta
-    if plan.enabled:
-        base = priors.prior(tags, survived=0)
-        d = sum(o.finished for o in outcomes)
-        exposure = sum(max(min(o.tokens, p) - base.tau, 0.0) for o in outcomes)
-        all_censored = len(outcomes) * max(p - base.tau, 0.0)
-        n0 = s.query_strength
-        beta *= (n0 + d) / (n0 + base.beta * exposure) * (n0 + base.beta * all_censored) / n0
-    if hint is not None:
-        beta *= math.exp(-s.hint_slope * (hint - 0.5))
-    vote = consensus([o.answer for o in outcomes if o.finished])
-    a = cond.a * (vote.votes / vote.cast if vote.cast and not vote.unanimous else 1.0)
-    censored = [i for i, o in enumerate(outcomes) if not o.finished]
-    has_chain = bool(censored) or not plan.enabled
-    answer_now = vote.answer if vote.unanimous and vote.votes >= s.agree_votes else None
-    if not has_chain:
-        answer_now = vote.answer
-    return CurveEstimate(
-        a=min(max(a if has_chain else 0.0, 0.0), 1.0),
-        tau=max(cond.tau, 0.0),
-        beta=beta,
-        answer_now=answer_now,
-        fallback_answer=vote.answer,
-        continue_from=censored[0] if censored else -1,
-        probe_tokens=sum(min(o.tokens, p) for o in outcomes),
     )
 
 

@@ -167,30 +167,38 @@ class WindowPipeline:
     async def _dispatch(self, live: list[_Query], decision: Decision, window_id: str) -> None:
         price = decision.shadow_price
 
-        async def dispatch_one(query: _Query, tokens: int, answer_now: str | None) -> None:
+        async def dispatch_one(query: _Query, i: int) -> None:
+            tokens, answer_now = int(decision.tokens[i]), decision.answer_now[i]
             query.allocated = tokens
             if answer_now is not None or tokens <= 0:
                 self._observe_probe_only(query)
             if answer_now is not None:
                 query.result = _result(
                     query, Status.ANSWERED, window_id, price, answer=answer_now,
-                    text=_first_finished(query.probe).text,
+                    text=_finished_with(query.probe, answer_now).text,
                 )  # fmt: skip
             elif tokens <= 0:
                 query.result = _insolvent(query, window_id, price)
             else:
-                await self._continue(query, tokens, window_id, price)
+                chain = _probe_sample(query.probe, decision.continue_from[i])
+                fallback = decision.fallback_answer[i]
+                await self._continue(query, tokens, chain, fallback, window_id, price)
 
-        await asyncio.gather(
-            *(
-                dispatch_one(q, int(t), a)
-                for q, t, a in zip(live, decision.tokens, decision.answer_now, strict=True)
-            )
-        )
+        assert len(decision.tokens) == len(live), "one decision per live query"
+        await asyncio.gather(*(dispatch_one(q, i) for i, q in enumerate(live)))
         self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
 
-    async def _continue(self, query: _Query, tokens: int, window_id: str, price: float) -> None:
-        chain = _first_censored(query.probe)
+    async def _continue(
+        self,
+        query: _Query,
+        tokens: int,
+        chain: Sample | None,
+        fallback: str | None,
+        window_id: str,
+        price: float,
+    ) -> None:
+        """Continue `chain` (None: a fresh chain) within `tokens`; if it does not finish, answer
+        with `fallback` (what the finished probes agreed on) when there is one."""
         try:
             completion = await self._backend.complete(
                 _continuation_prompt(query.request.prompt, query.probe, chain),
@@ -209,6 +217,12 @@ class WindowPipeline:
         text = (chain.text if chain else "") + sample.text
         if sample.finish_reason != "stop":
             self._observe(query, chain_tokens, finished=False, answer=None)
+            if fallback is not None:
+                query.result = _result(
+                    query, Status.ANSWERED, window_id, price, answer=fallback,
+                    text=_finished_with(query.probe, fallback).text,
+                )  # fmt: skip
+                return
             query.result = _result(
                 query, Status.ABANDONED, window_id, price,
                 reason=f"the chain did not finish within its {tokens} allocated tokens",
@@ -348,15 +362,17 @@ def _probe_samples(probe: Completion | None) -> tuple[Sample, ...]:
     return probe.samples if probe is not None else ()
 
 
-def _first_censored(probe: Completion | None) -> Sample | None:
-    if probe is None:
-        return None
-    return next((s for s in probe.samples if s.finish_reason == "length"), None)
+def _probe_sample(probe: Completion | None, index: int) -> Sample | None:
+    """The probe chain the policy chose to continue (index −1 or no probe: none)."""
+    return probe.samples[index] if probe is not None and index >= 0 else None
 
 
-def _first_finished(probe: Completion | None) -> Sample:
-    assert probe is not None, "an early answer needs a finished probe"
-    return next(s for s in probe.samples if s.finish_reason == "stop")
+def _finished_with(probe: Completion | None, answer: str) -> Sample:
+    assert probe is not None, "a fallback answer comes from a finished probe"
+    return next(
+        s for s in probe.samples
+        if s.finish_reason == "stop" and extract_answer(s.text) == answer
+    )  # fmt: skip
 
 
 def _continuation_prompt(

@@ -45,14 +45,24 @@ class QueryView:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Continuation budget per live query (0 abandons it), early answers and the price."""
+    """Per live query: continuation budget (0 abandons it), an early answer, which probe chain
+    to continue (−1: start fresh) and the answer to fall back on if that chain does not finish;
+    plus the window's price."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
+    continue_from: tuple[int, ...]
+    fallback_answer: tuple[str | None, ...]
     shadow_price: float
     solver: str
     solve_ms: float = 0.0
     fallbacks: int = 0
+
+    @classmethod
+    def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
+        """Fresh chains capped at `tokens`, nothing probed (the baselines)."""
+        n = len(tokens)
+        return cls(tokens, (None,) * n, (-1,) * n, (None,) * n, 0.0, solver)
 
 
 class AllocationPolicy(Protocol):
@@ -91,7 +101,7 @@ class ClearPolicy:
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         if not queries:
-            return Decision(np.zeros(0, np.int64), (), 0.0, "none")
+            return Decision.caps(np.zeros(0, np.int64), "none")
         fitted = fit_window(
             [q.outcomes for q in queries],
             [q.request.tags for q in queries],
@@ -100,10 +110,11 @@ class ClearPolicy:
             self._priors,
         )
         answer_now = tuple(fitted.answer_now)
+        chains = (tuple(fitted.continue_from.tolist()), tuple(fitted.fallback_answer))
         todo = np.array([a is None for a in answer_now], dtype=bool)
         tokens = np.zeros(len(queries), np.int64)
         if not todo.any():
-            return Decision(tokens, answer_now, 0.0, "none")
+            return Decision(tokens, answer_now, *chains, 0.0, "none")
         index = np.flatnonzero(todo)
         problem = WindowProblem.create(
             [queries[i].request.id for i in index],
@@ -117,7 +128,7 @@ class ClearPolicy:
         result = solve_window(problem)
         tokens[index] = result.token_allocations()
         return Decision(
-            tokens, answer_now, result.shadow_price, result.solver, result.solve_ms,
+            tokens, answer_now, *chains, result.shadow_price, result.solver, result.solve_ms,
             result.fallbacks,
         )  # fmt: skip
 
@@ -141,7 +152,7 @@ class UniformPolicy:
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         cap = self._cap if self._cap is not None else int(budget // max(len(queries), 1))
         tokens = np.array([min(cap, q.cap_left) for q in queries], np.int64)
-        return Decision(tokens, (None,) * len(queries), 0.0, "uniform")
+        return Decision.caps(tokens, "uniform")
 
     def observe(
         self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
@@ -162,7 +173,7 @@ class OraclePolicy:
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         tokens = np.array([min(self._caps.get(q.request.id, 0), q.cap_left) for q in queries])
-        return Decision(tokens.astype(np.int64), (None,) * len(queries), 0.0, "oracle")
+        return Decision.caps(tokens.astype(np.int64), "oracle")
 
     def observe(
         self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon.core.metrics import PipelineMetrics
 from daemon.core.pipeline import PendingQuery, WindowPipeline
-from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.core.policies import (
+    AllocationPolicy,
+    ClearPolicy,
+    Decision,
+    OraclePolicy,
+    ProbeSelection,
+    QueryView,
+    UniformPolicy,
+)
 from daemon.core.ports import BackendError, Completion, CompletionBackend
 from daemon.core.windowing import Window
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
@@ -170,3 +180,45 @@ async def test_max_tokens_below_the_probe_ends_in_the_probe() -> None:
     assert "max_tokens" in (tiny.reason or "")
     assert short.status is Status.ANSWERED
     assert short.tokens_used == 100
+
+
+class ContinueCensored:
+    """Continue the censored probe chain with a fixed budget; fall back on the finished one."""
+
+    name = "continue-censored"
+
+    def __init__(self, tokens: int) -> None:
+        self._tokens = tokens
+
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        return ProbeSelection.everyone(ProbePlan(samples=2, tokens=256), len(requests))
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+        chains = tuple(next(i for i, o in enumerate(q.outcomes) if not o.finished) for q in queries)
+        answers = tuple(next(o.answer for o in q.outcomes if o.finished) for q in queries)
+        tokens = np.full(len(queries), self._tokens, np.int64)
+        return Decision(tokens, (None,) * len(queries), chains, answers, 0.1, "test")
+
+    def observe(self, request: QueryRequest, chain_tokens: int, *, finished: bool,
+                answered: bool) -> None:  # fmt: skip
+        pass
+
+
+MIXED = RolloutPool([record("mixed", [(100, True), (5000, False)])])
+
+
+async def test_dispatch_continues_the_chosen_chain_and_falls_back_on_the_probes_answer() -> None:
+    request = QueryRequest(id="q-mixed", prompt=prompt_for(MIXED.get("m/mixed")))
+    items = (PendingQuery(request, arrived_at=0.0),)
+    backend = SimulatedBackend(MIXED, seed=1)
+    short = await pipeline(ContinueCensored(50), backend).run(Window("w-1", 0, 2, items), 1e6)
+    (result,) = short.results
+    assert result.status is Status.ANSWERED  # the continued chain did not finish: fallback
+    assert result.answer == "7"
+    assert grade(result.text or "", MIXED.get("m/mixed"))
+    assert (result.tokens_probe, result.tokens_used) == (356, 406)  # 100 + 256, then +50
+    long = await pipeline(ContinueCensored(5000), backend).run(Window("w-2", 0, 2, items), 1e6)
+    (result,) = long.results
+    assert result.status is Status.ANSWERED
+    assert result.answer == "3"  # the continued chain finished with its own (wrong) answer
+    assert result.tokens_used == 100 + 5000  # continued from 256, not restarted

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pytest
 
-from solver.fit import ProbeOutcome, ProbePlan, fit_query, fit_window, select_probes
+from solver.answers import consensus
+from solver.fit import (
+    CurveEstimate,
+    FitSettings,
+    ProbeOutcome,
+    ProbePlan,
+    fit_window,
+    select_probes,
+)
 from solver.priors import LengthPrior, PriorBook, fit_conditional, kaplan_meier_quantile
 
 TAGS = {"task": "amc", "model": "m7b"}
@@ -146,11 +157,51 @@ def test_vectorised_matches_scalar() -> None:
         hints.append(None if i % 2 else float(rng.random()))
     fit = fit_window(rows, tags, hints, plan, book)
     for i in range(40):
-        one = fit_query(rows[i], tags[i], hints[i], plan, book)
+        one = reference_fit(rows[i], tags[i], hints[i], plan, book)
         got = fit.estimate(i)
         assert (got.answer_now, got.fallback_answer) == (one.answer_now, one.fallback_answer)
         assert (got.continue_from, got.probe_tokens) == (one.continue_from, one.probe_tokens)
         assert [got.a, got.tau, got.beta] == pytest.approx([one.a, one.tau, one.beta], rel=1e-12)
+
+
+def reference_fit(
+    outcomes: Sequence[ProbeOutcome],
+    tags: Mapping[str, str],
+    hint: float | None,
+    plan: ProbePlan,
+    priors: PriorBook,
+    settings: FitSettings | None = None,
+) -> CurveEstimate:
+    """One query's fit written out scalar by scalar: the reference `fit_window` must match."""
+    s = settings or FitSettings()
+    p = plan.tokens if plan.enabled else 0
+    cond = priors.prior(tags, survived=p)
+    beta = cond.beta
+    if plan.enabled:
+        base = priors.prior(tags, survived=0)
+        d = sum(o.finished for o in outcomes)
+        exposure = sum(max(min(o.tokens, p) - base.tau, 0.0) for o in outcomes)
+        all_censored = len(outcomes) * max(p - base.tau, 0.0)
+        n0 = s.query_strength
+        beta *= (n0 + d) / (n0 + base.beta * exposure) * (n0 + base.beta * all_censored) / n0
+    if hint is not None:
+        beta *= math.exp(-s.hint_slope * (hint - 0.5))
+    vote = consensus([o.answer for o in outcomes if o.finished])
+    a = cond.a * (vote.votes / vote.cast if vote.cast and not vote.unanimous else 1.0)
+    censored = [i for i, o in enumerate(outcomes) if not o.finished]
+    has_chain = bool(censored) or not plan.enabled
+    answer_now = vote.answer if vote.unanimous and vote.votes >= s.agree_votes else None
+    if not has_chain:
+        answer_now = vote.answer
+    return CurveEstimate(
+        a=min(max(a if has_chain else 0.0, 0.0), 1.0),
+        tau=max(cond.tau, 0.0),
+        beta=beta,
+        answer_now=answer_now,
+        fallback_answer=vote.answer,
+        continue_from=censored[0] if censored else -1,
+        probe_tokens=sum(min(o.tokens, p) for o in outcomes),
+    )
 
 
 def test_select_probes_skips_hopeless_queries_when_tight() -> None:
