@@ -267,12 +267,15 @@ def select_probes(
     *,
     settings: FitSettings | None = None,
     max_tokens: float = 32768.0,
+    probe_cost: float = 0.0,
 ) -> NDArray[np.bool_]:
-    """Which queries are worth probing: those the allocator would fund on prior curves alone.
+    """Which queries are worth probing: those the allocator would fund on prior curves alone,
+    and no more than the budget can pay a probe of `probe_cost` tokens for.
 
     Solving the window on the from-scratch curves (survived = 0) abandons the queries that cannot
     return the window's price per token; probing them would spend tokens on chains that are never
-    continued. When the budget is ample every query is selected.
+    continued. When the budget is ample every query is selected; when it cannot pay every funded
+    query's probe, the best-funded ones keep theirs.
     """
     s = settings or FitSettings()
     n = len(tags)
@@ -283,4 +286,11 @@ def select_probes(
     problem = WindowProblem.create(
         [str(i) for i in range(n)], a, tau, beta, budget, cap=np.full(n, max_tokens)
     )
-    return solve_window(problem, method="closed_form").allocations > 0.0
+    allocations = solve_window(problem, method="closed_form").allocations
+    selected = allocations > 0.0
+    affordable = int(budget // probe_cost) if probe_cost > 0 else n
+    if selected.sum() > affordable:
+        keep = np.argsort(-allocations, kind="stable")[:affordable]
+        selected = np.zeros(n, dtype=bool)
+        selected[keep] = allocations[keep] > 0.0
+    return selected

@@ -1,4 +1,10 @@
-"""Token budget per window: earned at a rate, shared across replicas, with bounded carry-over."""
+"""Token budget per window: earned at a rate, shared across replicas, with bounded carry-over.
+
+Windows may overlap (several run at once), so a window *reserves* its budget when it starts:
+what its span earned plus the whole carry-over, which it takes. At its end it *settles*: the
+unspent part returns to the carry, capped. No two windows can spend the same tokens, so the
+tokens reserved never exceed the tokens earned, in any interleaving.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,18 @@ class BudgetLedger:
     """Turns a window's time span into a token budget and settles what was actually spent.
 
     `share` is this replica's fraction of the global rate (its assigned partitions over all
-    partitions); unspent tokens carry to the next window, capped at `carry_over_windows`
-    windows' worth so an idle spell cannot build an unbounded burst.
+    partitions); unspent tokens carry to later windows, capped at `carry_over_cap_tokens`
+    (times the share) so an idle spell cannot build an unbounded burst.
     """
 
     tokens_per_second: float
     carry_over_cap_tokens: float
     share: float = 1.0
     carry: float = 0.0
+    # Running totals, for the invariant (reserved − returned ≤ earned) and for metrics.
+    earned_total: float = 0.0
+    reserved_total: float = 0.0
+    returned_total: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_second <= 0:
@@ -30,15 +40,35 @@ class BudgetLedger:
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"share: must be in [0, 1], got {share}")
         self.share = share
+        self.carry = min(self.carry, self.carry_cap)
+
+    @property
+    def carry_cap(self) -> float:
+        return self.carry_over_cap_tokens * self.share
 
     def earned(self, seconds: float) -> float:
         return self.tokens_per_second * self.share * max(seconds, 0.0)
 
-    def window_budget(self, seconds: float) -> float:
-        """Tokens available to a window spanning `seconds`: earned now plus carry-over."""
-        return self.earned(seconds) + self.carry
+    def reserve(self, seconds: float) -> float:
+        """A window spanning `seconds` starts: it gets what that span earned plus the carry,
+        which it takes (a window starting next sees none of it until this one settles)."""
+        earned = self.earned(seconds)
+        budget = earned + self.carry
+        self.carry = 0.0
+        self.earned_total += earned
+        self.reserved_total += budget
+        return budget
 
-    def settle(self, budget: float, spent: float) -> float:
-        """Record the window's spend; returns the carry-over kept for the next window."""
-        self.carry = min(max(budget - spent, 0.0), self.carry_over_cap_tokens * self.share)
+    def settle(self, reserved: float, spent: float) -> float:
+        """A window that reserved `reserved` spent `spent`: the rest returns to the carry, up
+        to the cap. Returns the carry now held."""
+        unspent = max(reserved - spent, 0.0)
+        kept = min(self.carry + unspent, self.carry_cap)
+        self.returned_total += kept - self.carry
+        self.carry = kept
         return self.carry
+
+    @property
+    def outstanding(self) -> float:
+        """Tokens reserved by windows and not returned (spent, running, or forfeited)."""
+        return self.reserved_total - self.returned_total

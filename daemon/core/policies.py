@@ -95,7 +95,7 @@ class ClearPolicy:
         # Queries the window would abandon on their prior curves are not worth a probe.
         selected = select_probes(
             [r.tags for r in requests], [r.difficulty_hint for r in requests], budget,
-            self._priors,
+            self._priors, probe_cost=self._plan.max_cost,
         )  # fmt: skip
         return ProbeSelection(self._plan, selected)
 

@@ -106,7 +106,10 @@ class Daemon:
         )
         self._seen_ids: set[str] = set()
         self._offsets = OffsetTracker()
-        self._windows: asyncio.Queue[Window[PendingQuery]] = asyncio.Queue(max_windows_in_flight)
+        # Closed windows wait here for one of `max_windows_in_flight` slots. One poll's batch
+        # can close several at once; the loop pauses its partitions while any wait.
+        self._windows: asyncio.Queue[Window[PendingQuery]] = asyncio.Queue()
+        self._max_windows_in_flight = max_windows_in_flight
         self._slots = asyncio.Semaphore(max_windows_in_flight)
         # Window tasks in flight and the queries each holds (for the shutdown deadline).
         self._running: dict[asyncio.Task[None], tuple[PendingQuery, ...]] = {}
@@ -173,7 +176,7 @@ class Daemon:
             self.broker_health.up()
 
     def _apply_backpressure(self) -> None:
-        full = self._windows.full()
+        full = self._windows.qsize() >= self._max_windows_in_flight
         partitions = self._consumer.assignment()
         if full and not self._paused and partitions:
             self._consumer.pause(*partitions)
@@ -204,12 +207,7 @@ class Daemon:
         # Ids must be unique within a window: the open window starts a fresh set.
         self._seen_ids = {p.request.id for p in self._assembler.pending_items}
         for window in closed:
-            if self._windows.full():
-                # Filled inside one batch: run it now rather than block the poll loop; the
-                # next poll pauses the partitions.
-                self._start_window(window)
-            else:
-                self._windows.put_nowait(window)
+            self._windows.put_nowait(window)
 
     async def _publish_rejections(self, rejections: list[Rejection]) -> None:
         await self._sink.publish_dead_letters([r.dead_letter for r in rejections])
@@ -237,7 +235,7 @@ class Daemon:
     async def _run_window(self, window: Window[PendingQuery], holds_slot: bool) -> None:
         started = self._clock()
         try:
-            budget = self._ledger.window_budget(window.duration)
+            budget = self._ledger.reserve(window.duration)
             outcome = await self._pipeline.run(window, budget)
             await self._sink.publish_results(outcome.results)
             await self._sink.publish_window(outcome.report)

@@ -222,3 +222,11 @@ async def test_dispatch_continues_the_chosen_chain_and_falls_back_on_the_probes_
     assert result.status is Status.ANSWERED
     assert result.answer == "3"  # the continued chain finished with its own (wrong) answer
     assert result.tokens_used == 100 + 5000  # continued from 256, not restarted
+
+
+@pytest.mark.parametrize("budget", [0.0, 12.0, 32.0, 255.0, 300.0, 700.0])
+async def test_probes_never_cost_more_than_the_window_budget(budget: float) -> None:
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    outcome = await pipeline(policy).run(window("mid", "hard", "mid", "hard"), budget)
+    assert outcome.report.probe_tokens <= budget
+    assert outcome.report.spent_tokens <= budget

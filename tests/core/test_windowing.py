@@ -1,4 +1,4 @@
-"""Window assembly and the budget ledger, on a virtual clock."""
+"""Window assembly on a virtual clock."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.core.budget import BudgetLedger
 from daemon.core.windowing import WindowAssembler
 
 
@@ -62,18 +61,3 @@ def test_every_item_lands_in_exactly_one_window_in_order(
     assert [i for w in windows for i in w.items] == list(range(len(gaps)))
     assert all(1 <= len(w.items) <= max_items for w in windows)
     assert all(w.closed_at >= w.opened_at for w in windows)
-
-
-def test_budget_earns_at_share_of_rate_and_caps_carry_over() -> None:
-    ledger = BudgetLedger(tokens_per_second=1000.0, carry_over_cap_tokens=1500.0, share=0.5)
-    budget = ledger.window_budget(2.0)
-    assert budget == 1000.0
-    assert ledger.settle(budget, spent=400.0) == 600.0
-    assert ledger.window_budget(2.0) == 1600.0
-    assert ledger.settle(1600.0, spent=0.0) == 750.0  # cap scales with the share
-    ledger.set_share(1.0)
-    assert ledger.window_budget(1.0) == 1750.0
-    with pytest.raises(ValueError, match="share"):
-        ledger.set_share(1.5)
-    with pytest.raises(ValueError, match="tokens_per_second"):
-        BudgetLedger(tokens_per_second=0.0, carry_over_cap_tokens=0.0)

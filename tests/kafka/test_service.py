@@ -179,3 +179,34 @@ async def test_shutdown_runs_the_open_window_and_commits_it() -> None:
     await run_until(daemon, lambda: consumer.positions[TopicPartition(TOPIC, 0)] == 3)
     assert len(sink.results) == 3
     assert consumer.committed == {TopicPartition(TOPIC, 0): 3}
+
+
+async def test_windows_in_flight_stay_bounded_and_the_partitions_pause() -> None:
+    consumer, sink = MemoryConsumer(partitions=1), MemorySink()
+    gate = asyncio.Event()
+
+    class HeldSink(MemorySink):
+        waiting = 0
+        most_waiting = 0
+
+        async def publish_results(self, results: Sequence[QueryResult]) -> None:
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+            await gate.wait()
+            self.waiting -= 1
+            await super().publish_results(results)
+
+    sink = HeldSink()
+    for i in range(40):
+        consumer.append(0, query(i))
+    daemon = make_daemon(consumer, sink, window_max_queries=2, max_windows_in_flight=1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await until(lambda: bool(consumer.paused))
+    gate.set()
+    await until(lambda: len(sink.results) == 40, within_s=10.0)
+    await until(lambda: not consumer.paused)
+    stop.set()
+    await task
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 40}
+    assert sink.most_waiting == 1  # one batch closed 20 windows; one ran at a time

@@ -216,3 +216,13 @@ def test_select_probes_skips_hopeless_queries_when_tight() -> None:
     assert not tight[4:].any()
     assert select_probes(tags, None, 1e6, book).all()
     assert not select_probes(tags, None, 0.0, book).any()
+
+
+def test_select_probes_never_selects_more_probes_than_the_budget_pays_for() -> None:
+    book = PriorBook()
+    tags = [{"task": "easy"}] * 10
+    for _ in range(300):
+        book.observe(tags[0], 300, finished=True, answered=True)
+    assert select_probes(tags, None, 1e6, book, probe_cost=256).all()
+    assert select_probes(tags, None, 1000.0, book, probe_cost=256).sum() == 3
+    assert not select_probes(tags, None, 200.0, book, probe_cost=256).any()
