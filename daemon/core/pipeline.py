@@ -146,20 +146,25 @@ class WindowPipeline:
 
     async def _probe(self, live: list[_Query], plan: ProbePlan, window_id: str) -> None:
         async def probe_one(query: _Query) -> None:
+            max_tokens = min(plan.tokens, self._cap(query.request))
             try:
-                query.probe = await self._backend.complete(
-                    query.request.prompt,
-                    n=plan.samples,
-                    max_tokens=min(plan.tokens, self._cap(query.request)),
-                    seed=self._seed,
+                probe = await self._backend.complete(
+                    query.request.prompt, n=plan.samples, max_tokens=max_tokens, seed=self._seed
                 )
             except BackendError as exc:
                 query.result = _result(
                     query, Status.FAILED, window_id, None, reason=f"probe failed: {exc}"
                 )
                 return
-            query.probe_tokens = query.probe.completion_tokens
-            query.outcomes = _outcomes(query.probe)
+            query.probe_tokens = _charge(probe, plan.samples, max_tokens)
+            problem = _inconsistency(probe, plan.samples, max_tokens, probe=True)
+            if problem is not None:  # fails this query only, charged what the pod generated
+                query.result = _result(
+                    query, Status.FAILED, window_id, None, reason=f"probe failed: {problem}"
+                )
+                return
+            query.probe = probe
+            query.outcomes = _outcomes(probe)
 
         await asyncio.gather(*(probe_one(q) for q in live))
         self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
@@ -211,7 +216,13 @@ class WindowPipeline:
                 query, Status.FAILED, window_id, price, reason=f"dispatch failed: {exc}"
             )
             return
-        query.dispatch_tokens = completion.completion_tokens
+        query.dispatch_tokens = _charge(completion, 1, tokens)
+        problem = _inconsistency(completion, 1, tokens)
+        if problem is not None:
+            query.result = _result(
+                query, Status.FAILED, window_id, price, reason=f"dispatch failed: {problem}"
+            )
+            return
         sample = completion.samples[0]
         chain_tokens = (chain.completion_tokens or 0 if chain else 0) + query.dispatch_tokens
         text = (chain.text if chain else "") + sample.text
@@ -349,6 +360,36 @@ def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:
         )
         for s in probe.samples
     )
+
+
+def _charge(completion: Completion, n: int, max_tokens: int) -> int:
+    """Tokens to charge for a response: its usage, but never more than the request allowed
+    (a larger count is a backend error, reported by `_inconsistency`)."""
+    return min(max(completion.completion_tokens, 0), n * max_tokens)
+
+
+def _inconsistency(
+    completion: Completion, n: int, max_tokens: int, *, probe: bool = False
+) -> str | None:
+    """What is wrong with a response to a request for `n` chains of `max_tokens`, if anything.
+    A probe's censored chains must run exactly `max_tokens` (the fit reads them as censored
+    there); a continuation may stop short at the model's context limit."""
+    if len(completion.samples) != n:
+        return f"the backend returned {len(completion.samples)} chains for n={n}"
+    if not 0 <= completion.completion_tokens <= n * max_tokens:
+        return (
+            f"the backend reported {completion.completion_tokens} generated tokens for "
+            f"n={n} x max_tokens={max_tokens}"
+        )
+    for sample in completion.samples:
+        tokens = _sample_tokens(sample, completion)
+        cut_short = probe and sample.finish_reason == "length" and tokens != max_tokens
+        if tokens > max_tokens or cut_short:
+            return (
+                f"a chain ended '{sample.finish_reason}' after {tokens} tokens "
+                f"with max_tokens={max_tokens}"
+            )
+    return None
 
 
 def _sample_tokens(sample: Sample, probe: Completion) -> int:

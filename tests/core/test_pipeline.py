@@ -230,3 +230,42 @@ async def test_probes_never_cost_more_than_the_window_budget(budget: float) -> N
     outcome = await pipeline(policy).run(window("mid", "hard", "mid", "hard"), budget)
     assert outcome.report.probe_tokens <= budget
     assert outcome.report.spent_tokens <= budget
+
+
+class OneBadResponse:
+    """The simulator, except that one query's responses claim too many tokens or chains."""
+
+    def __init__(self, bad_prompt_marker: str, how: str) -> None:
+        self._inner = SimulatedBackend(POOL, seed=1)
+        self._marker = bad_prompt_marker
+        self._how = how
+
+    async def complete(
+        self, prompt: object, *, n: int, max_tokens: int, seed: int | None = None
+    ) -> Completion:
+        completion = await self._inner.complete(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        if self._marker not in str(prompt):
+            return completion
+        if self._how == "usage":
+            return Completion(completion.samples, completion.prompt_tokens, 10 * n * max_tokens)
+        return Completion(completion.samples * 2, completion.prompt_tokens, 0)
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("how", ["usage", "chains"])
+@pytest.mark.parametrize(
+    "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256), PriorBook())]
+)
+async def test_one_malformed_response_fails_its_query_not_the_window(
+    how: str, policy: AllocationPolicy
+) -> None:
+    backend = OneBadResponse("problem: m/mid", how)
+    outcome = await pipeline(policy, backend).run(window("easy", "mid", "easy"), 1e6)
+    statuses = {r.id: r.status for r in outcome.results}
+    assert statuses == {"q-easy-0": Status.ANSWERED, "q-mid-1": Status.FAILED,
+                        "q-easy-2": Status.ANSWERED}  # fmt: skip
+    bad = next(r for r in outcome.results if r.id == "q-mid-1")
+    assert "the backend" in (bad.reason or "")
+    assert bad.tokens_used <= 700  # charged at most what the request allowed
