@@ -148,13 +148,16 @@ class WindowPipeline:
         async def probe_one(query: _Query) -> None:
             max_tokens = min(plan.tokens, self._cap(query.request))
             try:
-                probe = await self._backend.complete(
-                    query.request.prompt, n=plan.samples, max_tokens=max_tokens, seed=self._seed
+                probe = await self._complete(
+                    query.request, query.request.prompt, n=plan.samples, max_tokens=max_tokens
                 )
             except BackendError as exc:
                 query.result = _result(
                     query, Status.FAILED, window_id, None, reason=f"probe failed: {exc}"
                 )
+                return
+            except _DeadlinePassed:
+                query.result = _expired(query, window_id, None, "the probe")
                 return
             query.probe_tokens = _charge(probe, plan.samples, max_tokens)
             problem = _inconsistency(probe, plan.samples, max_tokens, probe=True)
@@ -204,17 +207,16 @@ class WindowPipeline:
     ) -> None:
         """Continue `chain` (None: a fresh chain) within `tokens`; if it does not finish, answer
         with `fallback` (what the finished probes agreed on) when there is one."""
+        prompt = _continuation_prompt(query.request.prompt, query.probe, chain)
         try:
-            completion = await self._backend.complete(
-                _continuation_prompt(query.request.prompt, query.probe, chain),
-                n=1,
-                max_tokens=tokens,
-                seed=self._seed,
-            )
+            completion = await self._complete(query.request, prompt, n=1, max_tokens=tokens)
         except BackendError as exc:
             query.result = _result(
                 query, Status.FAILED, window_id, price, reason=f"dispatch failed: {exc}"
             )
+            return
+        except _DeadlinePassed:
+            query.result = _expired(query, window_id, price, "dispatch")
             return
         query.dispatch_tokens = _charge(completion, 1, tokens)
         problem = _inconsistency(completion, 1, tokens)
@@ -242,6 +244,19 @@ class WindowPipeline:
         answer = extract_answer(text)
         self._observe(query, chain_tokens, finished=True, answer=answer)
         query.result = _result(query, Status.ANSWERED, window_id, price, answer=answer, text=text)
+
+    async def _complete(
+        self, request: QueryRequest, prompt: str | list[int], *, n: int, max_tokens: int
+    ) -> Completion:
+        """One backend request, cancelled when the query's deadline passes (`_DeadlinePassed`)."""
+        request_call = self._backend.complete(prompt, n=n, max_tokens=max_tokens, seed=self._seed)
+        if request.deadline is None:
+            return await request_call
+        left = (request.deadline - self._wall_clock()).total_seconds()
+        try:
+            return await asyncio.wait_for(request_call, max(left, 0.0))
+        except TimeoutError as exc:
+            raise _DeadlinePassed from exc
 
     def _observe(self, query: _Query, tokens: int, *, finished: bool, answer: str | None) -> None:
         self._policy.observe(query.request, tokens, finished=finished, answered=answer is not None)
@@ -339,6 +354,16 @@ def _result(
         shadow_price=price if price is not None or status is not Status.ABANDONED else 0.0,
         window_id=window_id,
         reason=reason,
+    )
+
+
+class _DeadlinePassed(Exception):
+    """A query's deadline passed while its request was running (the request is cancelled)."""
+
+
+def _expired(query: _Query, window_id: str, price: float | None, phase: str) -> QueryResult:
+    return _result(
+        query, Status.EXPIRED, window_id, price, reason=f"deadline passed during {phase}"
     )
 
 
