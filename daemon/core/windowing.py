@@ -6,6 +6,7 @@ Pure bookkeeping: the Kafka loop and trace replay both feed it `add(item, now)` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -56,6 +57,10 @@ class WindowAssembler(Generic[Item]):
     @property
     def pending_items(self) -> tuple[Item, ...]:
         return tuple(self._items)
+
+    def retain(self, keep: Callable[[Item], bool]) -> None:
+        """Drop the open window's items that `keep` refuses (their source was taken away)."""
+        self._items = [item for item in self._items if keep(item)]
 
     def deadline(self) -> float:
         """When the open window closes by time."""

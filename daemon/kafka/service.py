@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import structlog
@@ -111,8 +111,10 @@ class Daemon:
         self._windows: asyncio.Queue[Window[PendingQuery]] = asyncio.Queue()
         self._max_windows_in_flight = max_windows_in_flight
         self._slots = asyncio.Semaphore(max_windows_in_flight)
-        # Window tasks in flight and the queries each holds (for the shutdown deadline).
-        self._running: dict[asyncio.Task[None], tuple[PendingQuery, ...]] = {}
+        # Window tasks in flight and the queries each holds (for the shutdown deadline), and
+        # those already publishing (a revoke lets them finish rather than half-publish).
+        self._running: dict[asyncio.Task[None], Window[PendingQuery]] = {}
+        self._publishing: set[asyncio.Task[None]] = set()
         self._shutdown_deadline_s = shutdown_deadline_s
         self._last_commit = 0.0
         self._paused = False
@@ -229,7 +231,7 @@ class Daemon:
 
     def _start_window(self, window: Window[PendingQuery], *, holds_slot: bool = False) -> None:
         task = asyncio.create_task(self._run_window(window, holds_slot), name=window.window_id)
-        self._running[task] = window.items
+        self._running[task] = window
         task.add_done_callback(self._running.pop)
 
     async def _run_window(self, window: Window[PendingQuery], holds_slot: bool) -> None:
@@ -237,6 +239,7 @@ class Daemon:
         try:
             budget = self._ledger.reserve(window.duration)
             outcome = await self._pipeline.run(window, budget)
+            self._publishing.add(asyncio.current_task())  # type: ignore[arg-type]
             await self._sink.publish_results(outcome.results)
             await self._sink.publish_window(outcome.report)
             self._ledger.settle(budget, outcome.report.spent_tokens)
@@ -250,6 +253,7 @@ class Daemon:
             self._metrics.window_errors.inc()
             await self._fail_window(window, exc)
         finally:
+            self._publishing.discard(asyncio.current_task())  # type: ignore[arg-type]
             if holds_slot:
                 self._slots.release()
 
@@ -303,9 +307,41 @@ class Daemon:
         self._log.info("partitions_assigned", assigned=mine, total=total, share=mine / total)
 
     async def on_revoke(self, revoked: set[TopicPartition]) -> None:
+        """Hand the revoked partitions over cleanly: their unpublished work is dropped before
+        the new owner reads them (it re-reads from the committed offsets), windows already
+        publishing finish, then what is done is committed."""
+        await self._fence(set(revoked))
         with contextlib.suppress(Exception):
             await self.commit()
         self._offsets.forget(revoked)
+
+    async def _fence(self, revoked: set[TopicPartition]) -> None:
+        def kept(item: PendingQuery) -> bool:
+            return item.partition not in revoked
+
+        self._assembler.retain(kept)
+        self._seen_ids = {p.request.id for p in self._assembler.pending_items}
+        queued = [self._windows.get_nowait() for _ in range(self._windows.qsize())]
+        for window in queued:
+            self._requeue(window, kept)
+        hit = {t: w for t, w in self._running.items() if not all(map(kept, w.items))}
+        publishing = [task for task in hit if task in self._publishing]
+        if publishing:
+            await asyncio.wait(publishing, timeout=self._shutdown_deadline_s)
+        cancelled = [task for task in hit if task not in publishing]
+        for task in cancelled:
+            task.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+        for task in cancelled:
+            self._requeue(hit[task], kept)
+        if hit or queued:
+            self._log.info("partitions_revoked", cancelled_windows=len(cancelled))
+
+    def _requeue(self, window: Window[PendingQuery], kept: Callable[[PendingQuery], bool]) -> None:
+        """Put back the queries of partitions still owned (a window cut by a revoke)."""
+        items = tuple(filter(kept, window.items))
+        if items:
+            self._windows.put_nowait(replace(window, items=items))
 
     # --- shutdown -------------------------------------------------------------------------
     async def _drain(self, dispatcher: asyncio.Task[None]) -> None:
@@ -326,7 +362,7 @@ class Daemon:
             await self.commit()
 
     async def _abandon_late(self, late: set[asyncio.Task[None]]) -> None:
-        leftovers = [item for task in late for item in self._running.get(task, ())]
+        leftovers = [item for task in late for item in self._running[task].items]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)

@@ -28,6 +28,7 @@ from daemon.replay.simulator import SimulatedBackend, grade, prompt_for
 from schemas.messages import QueryRequest, Status
 from solver.fit import ProbePlan
 from solver.priors import PriorBook
+from tests.support.backends import SlowBackend
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -272,32 +273,14 @@ async def test_one_malformed_response_fails_its_query_not_the_window(
     assert bad.tokens_used <= 700  # charged at most what the request allowed
 
 
-class SlowBackend:
-    """The simulator behind a pod that takes `delay_s` per request."""
-
-    def __init__(self, delay_s: float) -> None:
-        self._inner = SimulatedBackend(POOL, seed=1)
-        self._delay_s = delay_s
-
-    async def complete(
-        self, prompt: object, *, n: int, max_tokens: int, seed: int | None = None
-    ) -> Completion:
-        await asyncio.sleep(self._delay_s)
-        return await self._inner.complete(prompt, n=n, max_tokens=max_tokens, seed=seed)
-
-    def ready(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize(
     "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256), PriorBook())]
 )
 async def test_a_deadline_passing_mid_request_expires_the_query(policy: AllocationPolicy) -> None:
     deadline = datetime.now(UTC) + timedelta(seconds=0.2)
-    slow = WindowPipeline(
-        SlowBackend(delay_s=5.0), policy, PipelineMetrics.create(CollectorRegistry()),
-        max_tokens_per_query=1 << 16,
-    )  # fmt: skip
+    backend = SlowBackend(SimulatedBackend(POOL, seed=1), delay_s=5.0)
+    metrics = PipelineMetrics.create(CollectorRegistry())
+    slow = WindowPipeline(backend, policy, metrics, max_tokens_per_query=1 << 16)
     started = asyncio.get_running_loop().time()
     outcome = await slow.run(window("easy", "mid", deadline=deadline), 1e6)
     assert asyncio.get_running_loop().time() - started < 2.0  # did not wait for the pod

@@ -14,11 +14,13 @@ from daemon.core.budget import BudgetLedger
 from daemon.core.metrics import PipelineMetrics
 from daemon.core.pipeline import WindowPipeline
 from daemon.core.policies import UniformPolicy
+from daemon.core.ports import CompletionBackend
 from daemon.kafka.intake import Intake
 from daemon.kafka.service import Daemon
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from daemon.replay.simulator import SimulatedBackend, prompt_for
 from schemas.messages import DeadLetter, QueryRequest, QueryResult, Status, WindowReport
+from tests.support.backends import SlowBackend
 from tests.support.waiting import until
 
 TOPIC = "clear.queries"
@@ -48,6 +50,14 @@ class MemoryConsumer:
         self.paused: set[TopicPartition] = set()
         self._listener: ConsumerRebalanceListener | None = None
         self._assigned: set[TopicPartition] = set()
+
+    async def rebalance(self) -> None:
+        """An eager rebalance that gives this member the same partitions back: everything is
+        revoked, then fetching restarts from the committed offsets."""
+        assert self._listener is not None
+        await self._listener.on_partitions_revoked(set(self._assigned))
+        self.positions = {tp: self.committed.get(tp, 0) for tp in self.logs}
+        await self._listener.on_partitions_assigned(set(self._assigned))
 
     def append(self, partition: int, value: bytes) -> None:
         self.logs[TopicPartition(TOPIC, partition)].append(value)
@@ -112,10 +122,18 @@ class MemorySink:
         self.windows.append(report)
 
 
-def make_daemon(consumer: MemoryConsumer, sink: MemorySink, **kwargs: Any) -> Daemon:
+def make_daemon(
+    consumer: MemoryConsumer,
+    sink: MemorySink,
+    backend: CompletionBackend | None = None,
+    **kwargs: Any,
+) -> Daemon:
     metrics = PipelineMetrics.create(CollectorRegistry())
     pipeline = WindowPipeline(
-        SimulatedBackend(POOL), UniformPolicy(cap=500), metrics, max_tokens_per_query=1 << 16
+        backend or SimulatedBackend(POOL),
+        UniformPolicy(cap=500),
+        metrics,
+        max_tokens_per_query=1 << 16,
     )
     options: dict[str, Any] = {"window_seconds": 0.05, "window_max_queries": 10} | kwargs
     return Daemon(
@@ -210,3 +228,22 @@ async def test_windows_in_flight_stay_bounded_and_the_partitions_pause() -> None
     await task
     assert consumer.committed == {TopicPartition(TOPIC, 0): 40}
     assert sink.most_waiting == 1  # one batch closed 20 windows; one ran at a time
+
+
+async def test_a_revoke_drops_unpublished_work_and_the_reread_gives_one_status_per_id() -> None:
+    consumer, sink = MemoryConsumer(partitions=2), MemorySink()
+    slow = SlowBackend(SimulatedBackend(POOL), delay_s=0.3)
+    for i in range(12):
+        consumer.append(i % 2, query(i))
+    daemon = make_daemon(consumer, sink, slow, window_max_queries=4)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await until(lambda: sum(consumer.positions.values()) == 12)  # all read, windows running
+    await consumer.rebalance()
+    assert sink.results == []  # nothing of the cancelled windows was published
+    slow.delay_s = 0.0
+    await until(lambda: len(sink.results) == 12)
+    stop.set()
+    await task
+    assert sorted(r.id for r in sink.results) == sorted(f"q{i}" for i in range(12))
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 6, TopicPartition(TOPIC, 1): 6}
