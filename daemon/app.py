@@ -122,7 +122,9 @@ async def run_daemon(
             input_topic=settings.input_topic,
             window_seconds=settings.window_seconds,
             window_max_queries=settings.window_max_queries,
+            min_tokens_per_query=settings.paced_tokens_per_query,
             shutdown_deadline_s=settings.shutdown_deadline_seconds,
+            backend_ready=backend.ready,
             logger=log,
         )
         checks = HealthChecks(

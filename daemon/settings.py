@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     probe_samples: int = Field(default=1, ge=0, le=64, description="0 disables probing.")
     probe_tokens: int = Field(default=256, gt=0)
     max_tokens_per_query: int = Field(default=8192, gt=0)
+    # Backlog pacing: a window never holds more queries than its budget pays this many tokens
+    # each; the rest wait in Kafka. Unset: one probe's worth; 0: no pacing (windows close on
+    # count whatever their budget).
+    min_tokens_per_query: int | None = Field(default=None, ge=0)
     max_prompt_bytes: int = Field(default=DEFAULT_MAX_PROMPT_BYTES, gt=0)
 
     # --- Process ---------------------------------------------------------------------------
@@ -261,6 +265,13 @@ class Settings(BaseSettings):
     def window_budget_tokens(self) -> float:
         """The budget of one full-length window, before carry-over."""
         return self.tokens_per_second * self.window_seconds
+
+    @property
+    def paced_tokens_per_query(self) -> int:
+        """The per-query floor windows are paced to (see `min_tokens_per_query`)."""
+        if self.min_tokens_per_query is not None:
+            return self.min_tokens_per_query
+        return self.probe_samples * self.probe_tokens
 
     @property
     def carry_over_cap_tokens(self) -> float:

@@ -68,6 +68,23 @@ class BudgetLedger:
         self.carry = kept
         return self.carry
 
+    def paced_size(self, window_seconds: float, min_tokens_per_query: float, max_items: int) -> int:
+        """The most queries a window may hold so that one window's earnings pay
+        `min_tokens_per_query` each (0: no pacing)."""
+        if min_tokens_per_query <= 0:
+            return max_items
+        most = self.earned(window_seconds)
+        return max(1, min(max_items, int(most // min_tokens_per_query)))
+
+    def seconds_until(self, tokens: float, accrued_seconds: float) -> float:
+        """How much longer a window that has accrued `accrued_seconds` must wait before its
+        reservation holds `tokens` (inf while this replica earns nothing)."""
+        short = tokens - self.carry - self.earned(accrued_seconds)
+        if short <= 0:
+            return 0.0
+        rate = self.tokens_per_second * self.share
+        return short / rate if rate > 0 else float("inf")
+
     @property
     def outstanding(self) -> float:
         """Tokens reserved by windows and not returned (spent, running, or forfeited)."""

@@ -27,6 +27,8 @@ class PipelineMetrics:
     queue_depth: Gauge
     in_flight: Gauge
     budget_share: Gauge
+    budget_carry: Gauge
+    lag: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> PipelineMetrics:
@@ -92,6 +94,16 @@ class PipelineMetrics:
             budget_share=Gauge(
                 "clear_budget_share",
                 "This replica's share of the global token rate.",
+                registry=registry,
+            ),
+            budget_carry=Gauge(
+                "clear_budget_carry_tokens",
+                "Unspent budget held for the next windows (the bucket level between windows).",
+                registry=registry,
+            ),
+            lag=Gauge(
+                "clear_consumer_lag",
+                "Records in the assigned partitions not yet consumed (work waiting in Kafka).",
                 registry=registry,
             ),
         )

@@ -35,6 +35,11 @@ class OffsetTracker:
         if state is not None:
             state.in_flight.discard(offset)
 
+    def next_offset(self, key: TopicPartition) -> int | None:
+        """The offset after the last one consumed from `key` (None before the first)."""
+        state = self._partitions.get(key)
+        return None if state is None else state.highest_seen + 1
+
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self._partitions.values())
 

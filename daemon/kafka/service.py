@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -58,6 +58,8 @@ class Consumer(Protocol):
 
     def partitions_for_topic(self, topic: str) -> set[int] | None: ...
 
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+
 
 @dataclass
 class DaemonState:
@@ -85,10 +87,13 @@ class Daemon:
         window_seconds: float,
         window_max_queries: int,
         max_windows_in_flight: int = 4,
+        min_tokens_per_query: float = 0.0,
         shutdown_deadline_s: float = 25.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         logger: structlog.typing.FilteringBoundLogger | None = None,
         broker_health: BrokerHealth | None = None,
+        backend_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._consumer = consumer
         self.broker_health = broker_health or BrokerHealth()
@@ -100,10 +105,19 @@ class Daemon:
         self._metrics = metrics
         self._topic = input_topic
         self._clock = clock
+        self._sleep = sleep
         self._log = logger or structlog.get_logger("clearbudget")
+        self._backend_ready = backend_ready
         self._assembler: WindowAssembler[PendingQuery] = WindowAssembler(
             window_seconds, window_max_queries, started_at=clock()
         )
+        # Pacing: windows hold no more queries than their budget pays this much each, and
+        # start no faster than the budget accrues for them (a backlog waits in Kafka).
+        self._window_seconds = window_seconds
+        self._window_max_queries = window_max_queries
+        self._min_tokens_per_query = min_tokens_per_query
+        self._last_reserve_at = clock()
+        self._resize_windows()
         self._seen_ids: set[str] = set()
         self._offsets = OffsetTracker()
         # Closed windows wait here for one of `max_windows_in_flight` slots. One poll's batch
@@ -160,6 +174,7 @@ class Daemon:
         self._enqueue(self._assembler.due(self._clock()))
         self._metrics.queue_depth.set(self._assembler.pending)
         self._metrics.in_flight.set(self._offsets.in_flight())
+        self._metrics.lag.set(self._lag())
         await self._maybe_commit()
         await self._maybe_check_broker()
 
@@ -177,13 +192,23 @@ class Daemon:
         else:
             self.broker_health.up()
 
+    def _lag(self) -> int:
+        """Records waiting in the assigned partitions past what this replica has read."""
+        lag = 0
+        for tp in self._consumer.assignment():
+            end, read = self._consumer.highwater(tp), self._offsets.next_offset(tp)
+            if end is not None and read is not None:
+                lag += max(end - read, 0)
+        return lag
+
     def _apply_backpressure(self) -> None:
-        full = self._windows.qsize() >= self._max_windows_in_flight
+        # A full window queue, or no pod to run windows on: stop fetching, keep polling.
+        hold = self._windows.qsize() >= self._max_windows_in_flight or not self._backend_ready()
         partitions = self._consumer.assignment()
-        if full and not self._paused and partitions:
+        if hold and not self._paused and partitions:
             self._consumer.pause(*partitions)
             self._paused = True
-        elif not full and self._paused:
+        elif not hold and self._paused:
             self._consumer.resume(*partitions)
             self._paused = False
 
@@ -227,22 +252,55 @@ class Daemon:
         while True:
             window = await self._windows.get()
             await self._slots.acquire()
+            await self._pace(window)
             self._start_window(window, holds_slot=True)
 
+    async def _pace(self, window: Window[PendingQuery]) -> None:
+        """Hold a window until its budget pays `min_tokens_per_query` for each of its queries,
+        or one window length has accrued since the last start, whichever comes first."""
+        needed = len(window.items) * self._min_tokens_per_query
+        while True:  # a sleep may end a hair early: look again
+            elapsed = self._clock() - self._last_reserve_at
+            wait = min(self._ledger.seconds_until(needed, elapsed), self._window_seconds - elapsed)
+            if wait <= 0:
+                return
+            await self._sleep(wait)
+
+    def _reserve(self) -> float:
+        """The starting window's budget: what accrued since the last start (at most one window
+        length: an idle spell's surplus is the capped carry) plus the carry, taken."""
+        now = self._clock()
+        seconds = min(now - self._last_reserve_at, self._window_seconds)
+        self._last_reserve_at = now
+        budget = self._ledger.reserve(seconds)
+        self._metrics.budget_carry.set(self._ledger.carry)
+        return budget
+
+    def _resize_windows(self) -> None:
+        self._assembler.max_items = self._ledger.paced_size(
+            self._window_seconds, self._min_tokens_per_query, self._window_max_queries
+        )
+
     def _start_window(self, window: Window[PendingQuery], *, holds_slot: bool = False) -> None:
-        task = asyncio.create_task(self._run_window(window, holds_slot), name=window.window_id)
+        # Reserved here, not in the task: the next window's pacing must see this start.
+        budget = self._reserve()
+        task = asyncio.create_task(
+            self._run_window(window, budget, holds_slot), name=window.window_id
+        )
         self._running[task] = window
         task.add_done_callback(self._running.pop)
 
-    async def _run_window(self, window: Window[PendingQuery], holds_slot: bool) -> None:
+    async def _run_window(
+        self, window: Window[PendingQuery], budget: float, holds_slot: bool
+    ) -> None:
         started = self._clock()
         try:
-            budget = self._ledger.reserve(window.duration)
             outcome = await self._pipeline.run(window, budget)
             self._publishing.add(asyncio.current_task())  # type: ignore[arg-type]
             await self._sink.publish_results(outcome.results)
             await self._sink.publish_window(outcome.report)
             self._ledger.settle(budget, outcome.report.spent_tokens)
+            self._metrics.budget_carry.set(self._ledger.carry)
             self._finish(window.items)
             self.state.windows_done += 1
             self._metrics.window_seconds.observe(self._clock() - started)
@@ -302,6 +360,7 @@ class Daemon:
         mine = sum(1 for tp in assigned if tp.topic == self._topic)
         self._ledger.set_share(mine / total)
         self._metrics.budget_share.set(mine / total)
+        self._resize_windows()
         if mine:
             self.assigned.set()
         self._log.info("partitions_assigned", assigned=mine, total=total, share=mine / total)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from daemon.core.budget import BudgetLedger
 from daemon.core.metrics import PipelineMetrics
 from daemon.core.pipeline import WindowPipeline
-from daemon.core.policies import UniformPolicy
+from daemon.core.policies import AllocationPolicy, UniformPolicy
 from daemon.core.ports import CompletionBackend
 from daemon.kafka.intake import Intake
 from daemon.kafka.service import Daemon
@@ -97,6 +97,9 @@ class MemoryConsumer:
     async def topics(self) -> set[str]:
         return {TOPIC}
 
+    def highwater(self, partition: TopicPartition) -> int | None:
+        return len(self.logs[partition]) if partition in self._assigned else None
+
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         return {tp.partition for tp in self.logs} if topic == TOPIC else None
 
@@ -126,12 +129,15 @@ def make_daemon(
     consumer: MemoryConsumer,
     sink: MemorySink,
     backend: CompletionBackend | None = None,
+    *,
+    policy: AllocationPolicy | None = None,
+    ledger: BudgetLedger | None = None,
     **kwargs: Any,
 ) -> Daemon:
     metrics = PipelineMetrics.create(CollectorRegistry())
     pipeline = WindowPipeline(
         backend or SimulatedBackend(POOL),
-        UniformPolicy(cap=500),
+        policy or UniformPolicy(cap=500),
         metrics,
         max_tokens_per_query=1 << 16,
     )
@@ -140,7 +146,7 @@ def make_daemon(
         consumer=consumer,
         sink=sink,
         pipeline=pipeline,
-        ledger=BudgetLedger(tokens_per_second=1e6, carry_over_cap_tokens=0.0),
+        ledger=ledger or BudgetLedger(tokens_per_second=1e6, carry_over_cap_tokens=0.0),
         intake=Intake(),
         metrics=metrics,
         input_topic=TOPIC,
@@ -247,3 +253,24 @@ async def test_a_revoke_drops_unpublished_work_and_the_reread_gives_one_status_p
     await task
     assert sorted(r.id for r in sink.results) == sorted(f"q{i}" for i in range(12))
     assert consumer.committed == {TopicPartition(TOPIC, 0): 6, TopicPartition(TOPIC, 1): 6}
+
+
+async def test_a_backlog_is_paced_at_the_budget_rate_not_dumped_into_starved_windows() -> None:
+    consumer, sink = MemoryConsumer(partitions=1), MemorySink()
+    for i in range(100):
+        consumer.append(0, query(i))  # queued before start; each needs 100 tokens
+    rate, window_s, cap = 10_000.0, 0.05, 500.0
+    ledger = BudgetLedger(tokens_per_second=rate, carry_over_cap_tokens=cap)
+    daemon = make_daemon(
+        consumer, sink, policy=UniformPolicy(), ledger=ledger, window_seconds=window_s,
+        window_max_queries=256, min_tokens_per_query=100,
+    )  # fmt: skip
+    started = asyncio.get_running_loop().time()
+    await run_until(daemon, lambda: len(sink.results) == 100)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert {r.status for r in sink.results} == {Status.ANSWERED}  # none starved, none dropped
+    assert all(w.budget_tokens >= 100 * (w.counts.answered) for w in sink.windows)
+    spent = sum(r.tokens_used for r in sink.results)
+    assert spent == 100 * 100
+    assert spent <= rate * elapsed + cap  # the rate held over the burst
+    assert ledger.outstanding <= ledger.earned_total + 1e-6
