@@ -19,7 +19,7 @@ A counts only observable success (an extractable answer), never correctness agai
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,11 +56,13 @@ class LengthPrior:
 
 
 class _Chains:
-    """Bounded store of one key's chains: total tokens, finished flag, answered flag."""
+    """Bounded store of one key's chains (total tokens, finished flag, answered flag) and the
+    fits made from them, per `survived` (version and parent signature they were made under)."""
 
     def __init__(self, limit: int) -> None:
         self.rows: deque[tuple[int, bool, bool]] = deque(maxlen=limit)
         self.version = 0
+        self.fits: dict[int, tuple[int, int, LengthPrior]] = {}
 
     def add(self, tokens: int, finished: bool, answered: bool) -> None:
         self.rows.append((tokens, finished, answered))
@@ -84,18 +86,24 @@ class PriorBook:
         levels: Sequence[str] = DEFAULT_LEVELS,
         strength: float = 8.0,
         max_chains_per_key: int = 4096,
+        max_keys: int = 4096,
     ) -> None:
         if strength <= 0:
             raise ValueError(f"strength: must be > 0, got {strength!r}")
         if max_chains_per_key < 1:
             raise ValueError(f"max_chains_per_key: must be >= 1, got {max_chains_per_key!r}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys: must be >= 1, got {max_keys!r}")
         # A weak, generic reasoning-chain default: answers appear after a few hundred tokens.
         self.default = default or LengthPrior(a=0.6, tau=200.0, beta=1.0 / 1500.0)
         self.levels = tuple(levels)
         self.strength = float(strength)
         self._limit = max_chains_per_key
-        self._chains: dict[str, _Chains] = {}
-        self._cache: dict[tuple[str, int], tuple[int, int, LengthPrior]] = {}
+        # Least recently observed first: any producer can invent tag values, so the keys are
+        # bounded and the stalest one (never the global pool) goes when a new one comes.
+        self._chains: OrderedDict[str, _Chains] = OrderedDict()
+        self._max_keys = max_keys
+        self.evicted_keys = 0
 
     # ------------------------------------------------------------------ learning
 
@@ -109,7 +117,21 @@ class PriorBook:
             store = self._chains.get(key)
             if store is None:
                 store = self._chains[key] = _Chains(self._limit)
+                self._evict_beyond_cap()
+            else:
+                self._chains.move_to_end(key)
             store.add(int(tokens), bool(finished), bool(finished and answered))
+
+    def _evict_beyond_cap(self) -> None:
+        while len(self._chains) > self._max_keys + 1:  # + the global pool, never evicted
+            oldest = next(k for k in self._chains if k != _GLOBAL)
+            del self._chains[oldest]
+            self.evicted_keys += 1
+
+    @property
+    def keys(self) -> int:
+        """Pool keys held now (the global pool included)."""
+        return len(self._chains)
 
     def chains_seen(self, tags: Mapping[str, str] | None = None) -> int:
         """How many chains the most specific key of `tags` (the global pool if None) holds."""
@@ -155,12 +177,12 @@ class PriorBook:
         if store is None or not store.rows:
             return parent
         parent_sig = hash((parent.a, parent.tau, parent.beta))
-        cached = self._cache.get((key, survived))
+        cached = store.fits.get(survived)
         if cached and cached[0] == store.version and cached[1] == parent_sig:
             return cached[2]
         tokens, finished, answered = store.arrays()
         fitted = fit_conditional(tokens, finished, answered, survived, parent, self.strength)
-        self._cache[(key, survived)] = (store.version, parent_sig, fitted)
+        store.fits[survived] = (store.version, parent_sig, fitted)
         return fitted
 
 

@@ -1,14 +1,23 @@
-"""`clearbudget` command line: one typer app, one function per sub-command."""
+"""`clearbudget` command line: one typer app, one module per sub-command.
+
+Commands fail through `daemon.cli.errors.fail` (`error: ...` on stderr, exit 2); shared replay
+options and helpers live in `daemon.cli.inputs`. `python -m daemon.cli` runs the same app.
+
+The top room: may import everything (`daemon.*`, `solver`, `schemas`, typer, rich); nothing
+below it imports it.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from daemon.cli.replay import demo_command, replay_command, sweep_command
+from daemon.cli.demo import demo_command
+from daemon.cli.replay import replay_command
 from daemon.cli.run import run
 from daemon.cli.schema import schema
 from daemon.cli.simulate import simulate_backend
 from daemon.cli.solve import solve
+from daemon.cli.sweep import sweep_command
 
 app = typer.Typer(
     name="clearbudget",
@@ -33,7 +42,3 @@ app.command("demo")(demo_command)
 app.command("simulate-backend")(simulate_backend)
 app.command("schema")(schema)
 app.command("solve")(solve)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

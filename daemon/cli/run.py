@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import typer
-
+from daemon.cli.errors import fail
 from daemon.settings import SettingsError, load_settings
 
 
@@ -19,8 +18,7 @@ def run() -> None:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     from daemon.app import configure_logging, install_signal_handlers, run_daemon, tune_gc
 
     configure_logging(settings.log_level)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from daemon.cli.errors import fail
 from schemas.export import SCHEMA_MODELS, render, schema_document
 
 
@@ -21,7 +22,7 @@ def _resolve(name: str) -> str:
         return by_key[_normalise(name)]
     except KeyError:
         known = ", ".join(key.replace("_", "-") for key in SCHEMA_MODELS)
-        raise typer.BadParameter(f"unknown schema {name!r}; choose one of: {known}") from None
+        fail(f"unknown schema {name!r}; choose one of: {known}")
 
 
 def schema(

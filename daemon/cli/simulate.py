@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from daemon.replay.rollouts import RolloutError, load_rollouts
+from daemon.cli.errors import fail
+from daemon.cli.inputs import DEFAULT_ROLLOUTS
+from daemon.replay.files import InputFileError
+from daemon.replay.rollouts import load_rollouts
 from daemon.replay.sim_server import DEFAULT_MODEL_NAME, PodTiming, start_simulator
 from daemon.replay.simulator import SimulatedBackend
-
-DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
 
 
 def simulate_backend(
@@ -48,22 +49,22 @@ def simulate_backend(
     time a pod would: at most --max-num-seqs sequences at once, each at --decode-rate tokens/s.
     """
     if not 0 <= port <= 65535:
-        _fail(f"--port must be between 0 and 65535, got {port}")
+        fail(f"--port must be between 0 and 65535, got {port}")
     if decode_rate < 0:
-        _fail(f"--decode-rate must be >= 0, got {decode_rate}")
+        fail(f"--decode-rate must be >= 0, got {decode_rate}")
     if max_num_seqs < 1:
-        _fail(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
+        fail(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
     timing = PodTiming(decode_rate, max_num_seqs) if decode_rate > 0 else None
     try:
         pool = load_rollouts(rollouts)
-    except RolloutError as exc:
+    except InputFileError as exc:
         hint = " (pass --rollouts FILE)" if rollouts == DEFAULT_ROLLOUTS else ""
-        _fail(f"cannot load --rollouts: {exc}{hint}")
+        fail(f"cannot load --rollouts: {exc}{hint}")
     backend = SimulatedBackend(pool, seed=seed)
     try:
         asyncio.run(_serve(backend, host=host, port=port, model_name=model_name, timing=timing))
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
 async def _serve(
@@ -90,8 +91,3 @@ async def _serve(
         await stop.wait()
     finally:
         await server.close()
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
 
 import typer
 
+from daemon.cli.errors import fail
 from solver import ProblemError, solve_window
 from solver.contract import problem_from_json
-
-MethodOption = Literal["auto", "closed_form", "cvxpy"]
 
 
 def solve(
@@ -30,16 +28,16 @@ def solve(
     from solver import CvxpyAllocator  # deferred: keeps `clearbudget --help` fast
 
     if method not in ("auto", "closed_form", "cvxpy"):
-        _fail(f"--method: expected auto, closed_form or cvxpy, got {method!r}")
+        fail(f"--method: expected auto, closed_form or cvxpy, got {method!r}")
     try:
         allocator = CvxpyAllocator(solver)
     except ValueError as exc:
-        _fail(f"--{exc}")
+        fail(f"--{exc}")
     doc = _read_json(input)
     try:
         problem = problem_from_json(doc)
     except ProblemError as exc:
-        _fail(f"invalid input: {exc}")
+        fail(f"invalid input: {exc}")
     result = solve_window(problem, method=method, allocator=allocator)  # type: ignore[arg-type]
     typer.echo(json.dumps(result.to_contract(), indent=2))
 
@@ -48,13 +46,8 @@ def _read_json(source: str) -> object:
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
-        _fail(f"--input: cannot read {source!r}: {exc.strerror or exc}")
+        fail(f"--input: cannot read {source!r}: {exc.strerror or exc}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        _fail(f"--input: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
-
-
-def _fail(message: str) -> typer.Exit:  # type: ignore[return]
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+        fail(f"--input: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")

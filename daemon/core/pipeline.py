@@ -18,7 +18,7 @@ from daemon.core.policies import AllocationPolicy, Decision, QueryView
 from daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
 from daemon.core.windowing import Window
 from schemas.messages import QueryRequest, QueryResult, Status, StatusCounts, WindowReport
-from solver.answers import extract_answer
+from solver.answers import answers_agree, extract_answer
 from solver.fit import ProbeOutcome, ProbePlan
 
 SHUTDOWN_REASON = "daemon shut down before the query could finish"
@@ -435,9 +435,10 @@ def _probe_sample(probe: Completion | None, index: int) -> Sample | None:
 
 def _finished_with(probe: Completion | None, answer: str) -> Sample:
     assert probe is not None, "a fallback answer comes from a finished probe"
+    # The fit's answers are normalised ("3.0" and "\\boxed{3}" agree): compare likewise.
     return next(
         s for s in probe.samples
-        if s.finish_reason == "stop" and extract_answer(s.text) == answer
+        if s.finish_reason == "stop" and answers_agree(extract_answer(s.text), answer)
     )  # fmt: skip
 
 

@@ -2,25 +2,28 @@
 
 An embedded Tansu broker (demo only), the recorded-rollout simulator served over HTTP as the
 "vLLM pod", and the daemon itself (consumer group, windows, pipeline, HTTP pool, results topic).
+Errors are exceptions (`BrokerStartError`, `SettingsError`, `ValueError`); progress goes to an
+optional callback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import typer
-
-from daemon.replay.embedded import BrokerStartError, free_loopback_port, start_embedded_broker
-from daemon.replay.inprocess import ReplayConfig, ReplayQuery
+from daemon.replay.config import ReplayConfig, ReplayQuery, token_rate
+from daemon.replay.embedded import free_loopback_port, start_embedded_broker
+from daemon.replay.report import ReplayReport
 from daemon.replay.rollouts import RolloutPool
 from daemon.replay.sim_server import start_simulator
 from daemon.replay.simulator import SimulatedBackend
 from daemon.replay.via_kafka import replay_via_kafka
-from daemon.settings import Settings, SettingsError, load_settings
+from daemon.settings import Settings, load_settings
+
+__all__ = ["daemon_settings", "demo_settings", "replay_with_simulator", "run_demo"]
 
 MIN_WINDOW_SECONDS = 0.5
 
@@ -28,15 +31,10 @@ MIN_WINDOW_SECONDS = 0.5
 def daemon_settings(base: Settings, config: ReplayConfig, queries: Sequence[ReplayQuery],
                     speedup: float, endpoint: str) -> Settings:  # fmt: skip
     """The daemon's settings for a replay: budget and windows in wall-clock terms."""
-    span = max(queries[-1].arrival - queries[0].arrival, config.window_seconds) if queries else 1.0
-    if config.tokens_per_second is not None:
-        rate = config.tokens_per_second * speedup
-    else:
-        rate = float(config.budget_per_query or 0.0) * len(queries) / span * speedup
     return base.model_copy(
         update={
             "vllm_endpoints": (endpoint,),
-            "tokens_per_second": rate,
+            "tokens_per_second": token_rate(config, queries, speedup),
             "window_seconds": max(config.window_seconds / speedup, MIN_WINDOW_SECONDS),
             "window_max_queries": config.window_max_queries,
             "probe_samples": config.probe.samples,
@@ -54,27 +52,15 @@ async def replay_with_simulator(
     base: Settings,
     *,
     speedup: float,
-) -> dict[str, Any]:
+) -> ReplayReport:
+    """Replay through Kafka at `base`'s broker, the simulator serving as the one vLLM pod."""
+    _check_speedup(speedup)
     server = await start_simulator(SimulatedBackend(pool, seed=config.seed), port=0)
     try:
         settings = daemon_settings(base, config, queries, speedup, server.url)
         return await replay_via_kafka(queries, pool, config, settings, speedup=speedup)
     finally:
         await server.close()
-
-
-def replay_on_kafka_from_env(
-    queries: Sequence[ReplayQuery], pool: RolloutPool, config: ReplayConfig, *, speedup: float
-) -> dict[str, Any]:
-    """`replay --kafka`: the broker and topics come from CLEAR_* settings."""
-    if not speedup > 0:
-        raise typer.BadParameter("--speedup must be > 0")
-    try:
-        base = load_settings()
-    except SettingsError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
-    return asyncio.run(replay_with_simulator(queries, pool, config, base, speedup=speedup))
 
 
 def demo_settings(bootstrap: str, run_id: str) -> Settings:
@@ -100,26 +86,31 @@ def run_demo(
     configs: Sequence[ReplayConfig],
     *,
     speedup: float,
-) -> list[dict[str, Any]]:
-    try:
-        broker = start_embedded_broker()
-    except BrokerStartError as exc:
-        typer.echo(f"error: cannot start the embedded broker: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    rows = []
-    with broker:
+    on_progress: Callable[[str], None] | None = None,
+) -> list[ReplayReport]:
+    """One report per config, each run through its own topics on one embedded broker.
+
+    Raises `BrokerStartError` when the broker cannot start and `ValueError` for a bad speedup.
+    """
+    _check_speedup(speedup)
+    reports = []
+    with start_embedded_broker() as broker:
         for config in configs:
-            run_id = f"{config.policy}-{uuid.uuid4().hex[:6]}"
-            typer.echo(
-                f"  {config.policy}: {len(queries)} queries through Kafka at {speedup:g}x pace ...",
-                err=True,
-            )
+            if on_progress:
+                on_progress(
+                    f"  {config.policy}: {len(queries)} queries through Kafka "
+                    f"at {speedup:g}x pace ..."
+                )
+            settings = demo_settings(broker.bootstrap, f"{config.policy}-{uuid.uuid4().hex[:6]}")
             started = time.monotonic()
             report = asyncio.run(
-                replay_with_simulator(
-                    queries, pool, config, demo_settings(broker.bootstrap, run_id), speedup=speedup
-                )
+                replay_with_simulator(queries, pool, config, settings, speedup=speedup)
             )
-            report["wall_seconds"] = time.monotonic() - started
-            rows.append({"budget_per_query": config.budget_per_query, **report})
-    return rows
+            # The demo's wall time includes starting the daemon and the simulator.
+            reports.append(dataclasses.replace(report, wall_seconds=time.monotonic() - started))
+    return reports
+
+
+def _check_speedup(speedup: float) -> None:
+    if not speedup > 0:
+        raise ValueError(f"speedup must be > 0, got {speedup!r}")

@@ -16,7 +16,6 @@ segments of each record's upper concave hull of (cost, accuracy) at the candidat
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from daemon.replay.files import InputFileError, json_lines, json_object, non_negative_int
+
 __all__ = [
     "OracleAllocation",
     "PolicyPoint",
-    "RolloutError",
     "RolloutPool",
     "RolloutRecord",
     "RolloutSample",
@@ -49,18 +49,6 @@ __all__ = [
 # a problem id also may not contain '/', so `model/problem_id` keys stay unambiguous.
 _MODEL_SAFE = re.compile(r"^[^\s#<>]+$")
 _PROBLEM_SAFE = re.compile(r"^[^\s#<>/]+$")
-
-
-class RolloutError(ValueError):
-    """A rollouts file is missing or malformed; names the file, line and field."""
-
-    def __init__(self, source: str, line: int | None, field: str | None, message: str) -> None:
-        where = source if line is None else f"{source}: line {line}"
-        what = f": field '{field}'" if field else ""
-        super().__init__(f"{where}{what}: {message}")
-        self.source = source
-        self.line = line
-        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +108,11 @@ class RolloutPool:
 
     def __init__(self, records: Sequence[RolloutRecord], source: str = "<memory>") -> None:
         if not records:
-            raise RolloutError(source, None, None, "no records")
+            raise InputFileError(source, None, None, "no records")
         width = len(records[0].samples)
         for r in records:
             if len(r.samples) != width or width == 0:
-                raise RolloutError(
+                raise InputFileError(
                     source, None, "samples", f"record {r.key!r}: every record needs {width} samples"
                 )
         self.records: tuple[RolloutRecord, ...] = tuple(records)
@@ -170,20 +158,15 @@ class RolloutPool:
 
 
 def load_rollouts(path: str | Path) -> RolloutPool:
-    """Load and validate a rollouts.jsonl pool; RolloutError names file, line and field."""
+    """Load and validate a rollouts.jsonl pool; InputFileError names file, line and field."""
     p = Path(path)
-    if not p.is_file():
-        raise RolloutError(str(p), None, None, "rollouts file not found")
     records: list[RolloutRecord] = []
     seen: dict[str, int] = {}
-    with p.open(encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            record = parse_rollout_line(text, line=line_no, source=str(p))
-            _check_consistent(record, records, seen, line_no, str(p))
-            seen[record.key] = line_no
-            records.append(record)
+    for line_no, obj in json_lines(p, "rollouts"):
+        record = _record(obj, line_no, str(p))
+        _check_consistent(record, records, seen, line_no, str(p))
+        seen[record.key] = line_no
+        records.append(record)
     return RolloutPool(records, source=str(p))
 
 
@@ -195,11 +178,11 @@ def _check_consistent(
     source: str,
 ) -> None:
     if record.key in seen:
-        raise RolloutError(
+        raise InputFileError(
             source, line, "problem_id", f"duplicate record {record.key!r} (line {seen[record.key]})"
         )
     if records and len(record.samples) != len(records[0].samples):
-        raise RolloutError(
+        raise InputFileError(
             source,
             line,
             "samples",
@@ -210,12 +193,10 @@ def _check_consistent(
 
 def parse_rollout_line(text: str, *, line: int = 1, source: str = "<string>") -> RolloutRecord:
     """Parse one rollouts.jsonl line into a validated record."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RolloutError(source, line, None, f"invalid JSON: {exc.msg}") from None
-    if not isinstance(obj, dict):
-        raise RolloutError(source, line, None, "expected a JSON object")
+    return _record(json_object(text, source, line), line, source)
+
+
+def _record(obj: dict[str, Any], line: int, source: str) -> RolloutRecord:
     model = _key_part(obj, "model", _MODEL_SAFE, line, source)
     problem_id = _key_part(obj, "problem_id", _PROBLEM_SAFE, line, source)
     benchmark = _typed(obj, "benchmark", str, line, source)
@@ -223,7 +204,7 @@ def parse_rollout_line(text: str, *, line: int = 1, source: str = "<string>") ->
     prompt_tokens = _count(obj, "prompt_tokens", line, source)
     raw_samples = obj.get("samples")
     if not isinstance(raw_samples, list) or not raw_samples:
-        raise RolloutError(source, line, "samples", "must be a non-empty list")
+        raise InputFileError(source, line, "samples", "must be a non-empty list")
     samples = tuple(
         _parse_sample(s, f"samples[{i}]", line, source) for i, s in enumerate(raw_samples)
     )
@@ -232,21 +213,21 @@ def parse_rollout_line(text: str, *, line: int = 1, source: str = "<string>") ->
 
 def _parse_sample(obj: Any, where: str, line: int, source: str) -> RolloutSample:
     if not isinstance(obj, dict):
-        raise RolloutError(source, line, where, "must be an object")
+        raise InputFileError(source, line, where, "must be an object")
     tokens = _count(obj, "tokens", line, source, prefix=where)
     correct = obj.get("correct")
     if not isinstance(correct, bool):
-        raise RolloutError(source, line, f"{where}.correct", "must be true or false")
+        raise InputFileError(source, line, f"{where}.correct", "must be true or false")
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, str):
-        raise RolloutError(source, line, f"{where}.answer", "must be a string or null")
+        raise InputFileError(source, line, f"{where}.answer", "must be a string or null")
     return RolloutSample(tokens=tokens, correct=correct, answer=answer)
 
 
 def _typed(obj: dict[str, Any], field: str, kind: type, line: int, source: str) -> Any:
     value = obj.get(field)
     if not isinstance(value, kind):
-        raise RolloutError(source, line, field, f"missing or not a {kind.__name__}")
+        raise InputFileError(source, line, field, f"missing or not a {kind.__name__}")
     return value
 
 
@@ -256,16 +237,14 @@ def _key_part(
     value = _typed(obj, field, str, line, source)
     if not pattern.match(value):
         banned = "'#', '<', '>'" + (", '/'" if "/" in pattern.pattern else "")
-        raise RolloutError(source, line, field, f"must be non-empty, without whitespace, {banned}")
+        raise InputFileError(
+            source, line, field, f"must be non-empty, without whitespace, {banned}"
+        )
     return str(value)
 
 
 def _count(obj: dict[str, Any], field: str, line: int, source: str, prefix: str = "") -> int:
-    value = obj.get(field)
-    name = f"{prefix}.{field}" if prefix else field
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RolloutError(source, line, name, "must be a non-negative integer")
-    return value
+    return non_negative_int(obj.get(field), source, line, f"{prefix}.{field}" if prefix else field)
 
 
 # --------------------------------------------------------------------------- policy maths

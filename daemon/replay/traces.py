@@ -2,7 +2,7 @@
 
 Each reader lazily yields `Arrival`s (seconds from the trace start plus the row's original
 fields), so a replay with a small `--limit` reads only the head of a large trace. Arrivals must
-not go back in time. A malformed row raises `TraceError` naming the file, line and field.
+not go back in time. A malformed row raises `InputFileError` naming the file, line and field.
 
 - Azure (`TIMESTAMP,ContextTokens,GeneratedTokens`, timestamps like `2023-11-16 18:15:46.6805900`):
   arrival = timestamp − first row's timestamp.
@@ -26,12 +26,18 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from daemon.replay.files import (
+    InputFileError,
+    json_lines,
+    json_object,
+    non_negative_int,
+    require_file,
+)
 from schemas import QueryRequest
 
 __all__ = [
     "AZURE_COLUMNS",
     "Arrival",
-    "TraceError",
     "TraceFormat",
     "detect_format",
     "read_azure_csv",
@@ -44,18 +50,6 @@ TraceFormat = Literal["azure", "mooncake", "requests"]
 TRACE_FORMATS: tuple[TraceFormat, ...] = ("azure", "mooncake", "requests")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
-
-
-class TraceError(ValueError):
-    """A trace file is missing, of unknown format, or has a malformed row."""
-
-    def __init__(self, path: str | Path, line: int | None, field: str | None, message: str) -> None:
-        where = str(path) if line is None else f"{path}: line {line}"
-        what = f": field '{field}'" if field else ""
-        super().__init__(f"{where}{what}: {message}")
-        self.path = str(path)
-        self.line = line
-        self.field = field
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +70,10 @@ def read_trace(
     if limit is not None and limit < 0:
         raise ValueError("limit must be non-negative")
     p = Path(path)
-    _require_file(p)
+    require_file(p, "trace")
     chosen = fmt or detect_format(p)
     if chosen not in TRACE_FORMATS:
-        raise TraceError(p, None, None, f"unknown trace format {chosen!r}; use {TRACE_FORMATS}")
+        raise InputFileError(p, None, None, f"unknown trace format {chosen!r}; use {TRACE_FORMATS}")
     readers: dict[TraceFormat, Callable[[Path], Iterator[Arrival]]] = {
         "azure": read_azure_csv,
         "mooncake": read_mooncake_jsonl,
@@ -91,7 +85,7 @@ def read_trace(
 def detect_format(path: str | Path) -> TraceFormat:
     """Format from the extension (.csv is Azure) or the first JSON line's keys."""
     p = Path(path)
-    _require_file(p)
+    require_file(p, "trace")
     if p.suffix.lower() == ".csv":
         return "azure"
     with p.open(encoding="utf-8") as fh:
@@ -100,34 +94,34 @@ def detect_format(path: str | Path) -> TraceFormat:
                 continue
             if text.startswith("TIMESTAMP,"):
                 return "azure"
-            obj = _json_object(text, p, line_no)
+            obj = json_object(text, p, line_no)
             if "arrival" in obj:
                 return "requests"
             if "timestamp" in obj:
                 return "mooncake"
-            raise TraceError(
+            raise InputFileError(
                 p,
                 line_no,
                 None,
                 "cannot tell the trace format: expected an 'arrival' (QueryRequest JSONL) or a "
                 "'timestamp' (Mooncake JSONL) field, or a .csv Azure trace",
             )
-    raise TraceError(p, None, None, "empty trace")
+    raise InputFileError(p, None, None, "empty trace")
 
 
 def read_azure_csv(path: str | Path) -> Iterator[Arrival]:
     """Arrivals of an Azure LLM inference trace (CSV with a header row)."""
     p = Path(path)
-    _require_file(p)
+    require_file(p, "trace")
     with p.open(encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
-            raise TraceError(p, None, None, "empty trace (no header row)")
+            raise InputFileError(p, None, None, "empty trace (no header row)")
         columns = [c.strip() for c in header]
         for name in AZURE_COLUMNS:
             if name not in columns:
-                raise TraceError(p, 1, name, f"missing column; header is {columns}")
+                raise InputFileError(p, 1, name, f"missing column; header is {columns}")
         origin: tuple[datetime, float] | None = None
         previous = 0.0
         for row in reader:
@@ -135,7 +129,9 @@ def read_azure_csv(path: str | Path) -> Iterator[Arrival]:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(columns):
-                raise TraceError(p, line, None, f"expected {len(columns)} cells, got {len(row)}")
+                raise InputFileError(
+                    p, line, None, f"expected {len(columns)} cells, got {len(row)}"
+                )
             fields: dict[str, Any] = dict(zip(columns, (c.strip() for c in row), strict=True))
             stamp = _azure_timestamp(fields["TIMESTAMP"], p, line)
             for name in AZURE_COLUMNS[1:]:
@@ -151,10 +147,10 @@ def read_mooncake_jsonl(path: str | Path) -> Iterator[Arrival]:
     """Arrivals of a Mooncake trace (JSONL, `timestamp` in milliseconds)."""
     p = Path(path)
     previous = 0.0
-    for line, obj in _json_lines(p):
+    for line, obj in json_lines(p, "trace"):
         for name in MOONCAKE_FIELDS:
             if name not in obj:
-                raise TraceError(p, line, name, "missing")
+                raise InputFileError(p, line, name, "missing")
         stamp = _number(obj["timestamp"], p, line, "timestamp")
         for name in MOONCAKE_FIELDS[1:]:
             _count(obj[name], p, line, name)
@@ -167,9 +163,9 @@ def read_request_jsonl(path: str | Path) -> Iterator[Arrival]:
     """Arrivals of a QueryRequest JSONL trace (each object has an `arrival` in seconds)."""
     p = Path(path)
     previous = 0.0
-    for line, obj in _json_lines(p):
+    for line, obj in json_lines(p, "trace"):
         if "arrival" not in obj:
-            raise TraceError(p, line, "arrival", "missing")
+            raise InputFileError(p, line, "arrival", "missing")
         arrival = _number(obj["arrival"], p, line, "arrival")
         request_fields = {k: v for k, v in obj.items() if k != "arrival"}
         try:
@@ -178,35 +174,12 @@ def read_request_jsonl(path: str | Path) -> Iterator[Arrival]:
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or None
-            raise TraceError(p, line, field, first["msg"]) from None
+            raise InputFileError(p, line, field, first["msg"]) from None
         previous = _ordered(arrival, previous, p, line, "arrival")
         yield Arrival(arrival=arrival, line=line, fields=obj, request=request)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _require_file(p: Path) -> None:
-    if not p.is_file():
-        raise TraceError(p, None, None, "trace file not found")
-
-
-def _json_lines(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    _require_file(p)
-    with p.open(encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if text.strip():
-                yield line_no, _json_object(text, p, line_no)
-
-
-def _json_object(text: str, p: Path, line: int) -> dict[str, Any]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TraceError(p, line, None, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise TraceError(p, line, None, "expected a JSON object")
-    return obj
 
 
 def _azure_timestamp(text: str, p: Path, line: int) -> tuple[datetime, float]:
@@ -218,7 +191,7 @@ def _azure_timestamp(text: str, p: Path, line: int) -> tuple[datetime, float]:
             raise ValueError(fraction)
         stamp = datetime.strptime(base, "%Y-%m-%d %H:%M:%S")
     except ValueError:
-        raise TraceError(
+        raise InputFileError(
             p, line, "TIMESTAMP", f"not a timestamp like 2023-11-16 18:15:46.6805900: {text!r}"
         ) from None
     return stamp, int(fraction or "0") / 10 ** len(fraction)
@@ -229,23 +202,21 @@ def _count(value: Any, p: Path, line: int, field: str) -> int:
         try:
             value = int(value)
         except ValueError:
-            raise TraceError(p, line, field, f"not an integer: {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TraceError(p, line, field, f"must be a non-negative integer, got {value!r}")
-    return value
+            raise InputFileError(p, line, field, f"not an integer: {value!r}") from None
+    return non_negative_int(value, p, line, field)
 
 
 def _number(value: Any, p: Path, line: int, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TraceError(p, line, field, f"must be a finite number, got {value!r}")
+        raise InputFileError(p, line, field, f"must be a finite number, got {value!r}")
     if value < 0:
-        raise TraceError(p, line, field, f"must be non-negative, got {value!r}")
+        raise InputFileError(p, line, field, f"must be non-negative, got {value!r}")
     return float(value)
 
 
 def _ordered(arrival: float, previous: float, p: Path, line: int, field: str) -> float:
     if arrival < previous:
-        raise TraceError(
+        raise InputFileError(
             p, line, field, f"goes back in time ({arrival:.3f} s after {previous:.3f} s)"
         )
     return arrival

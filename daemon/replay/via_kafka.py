@@ -13,7 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from daemon.app import run_daemon
 from daemon.kafka.clients import ensure_topics
 from daemon.kafka.service import Daemon
-from daemon.replay.inprocess import ReplayConfig, ReplayQuery, make_policy, score
+from daemon.replay.config import ReplayConfig, ReplayQuery, make_policy, trace_span
+from daemon.replay.report import ReplayReport, score
 from daemon.replay.rollouts import RolloutPool
 from daemon.settings import Settings
 from schemas.messages import QueryResult
@@ -29,7 +30,7 @@ async def replay_via_kafka(
     *,
     speedup: float = 1.0,
     on_result: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> ReplayReport:
     """Produce `queries` at recorded pace / `speedup` into the input topic, run the daemon with
     `config`'s policy against `settings.vllm_endpoints`, and score the results topic."""
     started = time.perf_counter()
@@ -59,13 +60,14 @@ async def replay_via_kafka(
         stop.set()
         await reader.stop()
         await daemon_task
-    report = score(config, pool, queries, results, started)
-    report["budget_tokens"] = settings.tokens_per_second * max(
-        (queries[-1].arrival - queries[0].arrival) / speedup if queries else 0.0,
-        settings.window_seconds,
-    )
-    report["windows"] = daemon.state.windows_done
-    return report
+    # The daemon earns its rate in wall-clock time over the replayed (sped-up) trace.
+    span = trace_span(queries, settings.window_seconds, speedup)
+    return score(
+        config.policy, pool, queries, results,
+        wall_seconds=time.perf_counter() - started,
+        budget_tokens=settings.tokens_per_second * span,
+        windows=daemon.state.windows_done,
+    )  # fmt: skip
 
 
 async def _produce_at_pace(

@@ -286,3 +286,17 @@ async def test_a_deadline_passing_mid_request_expires_the_query(policy: Allocati
     assert asyncio.get_running_loop().time() - started < 2.0  # did not wait for the pod
     assert {r.status for r in outcome.results} == {Status.EXPIRED}
     assert all("during" in (r.reason or "") for r in outcome.results)
+
+
+async def test_an_early_answer_keeps_the_text_of_a_probe_that_gave_it() -> None:
+    # Two finished probes say "7.0": the fit's consensus is the normalised "7".
+    sample = RolloutSample(tokens=100, correct=True, answer="7.0")
+    pool = RolloutPool([RolloutRecord("m", "b", "p", 10, "7", (sample, sample))])
+    request = QueryRequest(id="q", prompt=prompt_for(pool.records[0]))
+    clear = ClearPolicy(ProbePlan(samples=2, tokens=256), PriorBook())
+    outcome = await pipeline(clear, SimulatedBackend(pool, seed=1)).run(
+        Window("w-1", 0.0, 2.0, (PendingQuery(request, arrived_at=0.0),)), 1e6
+    )
+    (result,) = outcome.results
+    assert (result.status, result.answer) == (Status.ANSWERED, "7")
+    assert "7.0" in (result.text or "")

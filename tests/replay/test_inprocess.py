@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from daemon.replay.inprocess import ReplayConfig, draw_queries, replay
+from daemon.replay.config import ReplayConfig, draw_queries
+from daemon.replay.inprocess import replay
 from daemon.replay.rollouts import load_rollouts, uniform_cap_for_cost
 from daemon.replay.traces import read_trace
 
-REPORT_KEYS = {
+REPORT_KEYS = [
     "policy", "queries", "answered", "abandoned", "failed", "mean_accuracy", "tokens_total",
     "tokens_probe", "tokens_per_query", "budget_tokens", "windows", "solve_ms_p50",
     "solve_ms_p99", "wall_seconds",
-}  # fmt: skip
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,9 @@ async def test_replay_is_deterministic_and_counts_every_token(inputs, policy: st
     pool, arrivals = inputs
     queries = draw_queries(arrivals, pool, seed=0)
     config = ReplayConfig(policy=policy, budget_per_query=800)
-    first = await replay(queries, pool, config)
-    second = await replay(queries, pool, config)
-    assert set(first) == REPORT_KEYS
+    first = (await replay(queries, pool, config)).to_dict()
+    second = (await replay(queries, pool, config)).to_dict()
+    assert list(first) == REPORT_KEYS  # the contract's keys, in its order
     volatile = {"wall_seconds", "solve_ms_p50", "solve_ms_p99"}
     assert {k: v for k, v in first.items() if k not in volatile} == {
         k: v for k, v in second.items() if k not in volatile
@@ -65,9 +66,9 @@ async def test_uniform_replay_matches_the_pool_maths(inputs, shared_data: Path) 
     report = await replay(queries, pool, ReplayConfig(policy="uniform", budget_per_query=500))
     cap = uniform_cap_for_cost(pool, 500)
     assert cap > 500
-    assert report["tokens_per_query"] == pytest.approx(500, rel=0.05)
+    assert report.tokens_per_query == pytest.approx(500, rel=0.05)
     # Reference table of the shared data: cap 512 gives about 0.20 accuracy.
-    assert report["mean_accuracy"] == pytest.approx(0.20, abs=0.03)
+    assert report.mean_accuracy == pytest.approx(0.20, abs=0.03)
 
 
 def test_config_names_the_bad_field() -> None:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.replay.files import InputFileError
 from daemon.replay.rollouts import (
-    RolloutError,
     RolloutPool,
     RolloutRecord,
     RolloutSample,
@@ -111,7 +111,7 @@ def test_malformed_line_names_line_and_field(
     tmp_path: Path, bad_line: str, field: str | None
 ) -> None:
     path = write_lines(tmp_path, [json.dumps(GOOD), "", bad_line])
-    with pytest.raises(RolloutError) as info:
+    with pytest.raises(InputFileError) as info:
         load_rollouts(path)
     assert info.value.line == 3
     assert info.value.field == field
@@ -121,18 +121,18 @@ def test_malformed_line_names_line_and_field(
 def test_ragged_sample_counts_are_rejected(tmp_path: Path) -> None:
     two = [{"tokens": 1, "correct": True, "answer": "1"}] * 2
     path = write_lines(tmp_path, [json.dumps(GOOD), variant(problem_id="p-2", samples=two)])
-    with pytest.raises(RolloutError, match="same number") as info:
+    with pytest.raises(InputFileError, match="same number") as info:
         load_rollouts(path)
     assert (info.value.line, info.value.field) == (2, "samples")
 
 
 def test_in_memory_pool_rejects_ragged_records() -> None:
-    with pytest.raises(RolloutError, match="m/b"):
+    with pytest.raises(InputFileError, match="m/b"):
         RolloutPool([make_record("a", [(1, True)] * 2), make_record("b", [(1, True)])])
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(RolloutError, match="not found"):
+    with pytest.raises(InputFileError, match="not found"):
         load_rollouts(tmp_path / "absent.jsonl")
 
 

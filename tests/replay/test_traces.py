@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.replay.files import InputFileError
 from daemon.replay.traces import (
-    TraceError,
     detect_format,
     read_azure_csv,
     read_mooncake_jsonl,
@@ -53,7 +53,7 @@ def test_limit_reads_only_the_head(tmp_path: Path) -> None:
     path = write(tmp_path, "t.csv", [*rows, "garbage that would fail"])
     assert [a.arrival for a in read_trace(path, limit=2)] == [0.0, 1.5]
     assert list(read_trace(path, limit=0)) == []
-    with pytest.raises(TraceError, match="line 4"):
+    with pytest.raises(InputFileError, match="line 4"):
         list(read_trace(path))
 
 
@@ -73,7 +73,7 @@ def test_limit_reads_only_the_head(tmp_path: Path) -> None:
 )
 def test_azure_malformed_rows(tmp_path: Path, row: str, field: str | None, message: str) -> None:
     path = write(tmp_path, "t.csv", [AZURE_HEADER, "2023-11-16 18:15:46.5,1,2", "", row])
-    with pytest.raises(TraceError, match=message) as info:
+    with pytest.raises(InputFileError, match=message) as info:
         list(read_azure_csv(path))
     assert info.value.line == 4
     assert info.value.field == field
@@ -82,7 +82,7 @@ def test_azure_malformed_rows(tmp_path: Path, row: str, field: str | None, messa
 
 def test_azure_missing_column(tmp_path: Path) -> None:
     path = write(tmp_path, "t.csv", ["TIMESTAMP,ContextTokens", "2023-11-16 18:15:46,1"])
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(InputFileError) as info:
         list(read_azure_csv(path))
     assert (info.value.line, info.value.field) == (1, "GeneratedTokens")
 
@@ -118,7 +118,7 @@ def test_mooncake_arrivals(tmp_path: Path) -> None:
 )
 def test_mooncake_malformed_rows(tmp_path: Path, row: str, field: str | None) -> None:
     path = write(tmp_path, "mc.jsonl", [mooncake_row(2), row])
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(InputFileError) as info:
         list(read_mooncake_jsonl(path))
     assert (info.value.line, info.value.field) == (2, field)
     assert f"{path}: line 2" in str(info.value)
@@ -162,7 +162,7 @@ def test_request_arrivals_are_validated_queries(tmp_path: Path) -> None:
 )
 def test_request_malformed_rows(tmp_path: Path, row: str, field: str) -> None:
     path = write(tmp_path, "reqs.jsonl", [request_row(0.5), row])
-    with pytest.raises(TraceError) as info:
+    with pytest.raises(InputFileError) as info:
         list(read_request_jsonl(path))
     assert (info.value.line, info.value.field) == (2, field)
 
@@ -173,19 +173,19 @@ def test_request_malformed_rows(tmp_path: Path, row: str, field: str) -> None:
 def test_explicit_format_overrides_detection(tmp_path: Path) -> None:
     path = write(tmp_path, "odd.txt", [mooncake_row(0, inp=3)])
     assert [a.fields["input_length"] for a in read_trace(path, fmt="mooncake")] == [3]
-    with pytest.raises(TraceError) as info:  # read as requests: no arrival field
+    with pytest.raises(InputFileError) as info:  # read as requests: no arrival field
         list(read_trace(path, fmt="requests"))
     assert info.value.field == "arrival"
 
 
 def test_undetectable_and_missing_files(tmp_path: Path) -> None:
     unknown = write(tmp_path, "x.jsonl", ['{"when": 1}'])
-    with pytest.raises(TraceError, match="cannot tell the trace format"):
+    with pytest.raises(InputFileError, match="cannot tell the trace format"):
         detect_format(unknown)
     empty = write(tmp_path, "e.jsonl", [""])
-    with pytest.raises(TraceError, match="empty trace"):
+    with pytest.raises(InputFileError, match="empty trace"):
         detect_format(empty)
-    with pytest.raises(TraceError, match="not found"):
+    with pytest.raises(InputFileError, match="not found"):
         read_trace(tmp_path / "absent.csv")
-    with pytest.raises(TraceError, match="unknown trace format"):
+    with pytest.raises(InputFileError, match="unknown trace format"):
         read_trace(unknown, fmt="parquet")  # type: ignore[arg-type]

@@ -1,0 +1,126 @@
+"""What the replay, sweep and demo commands share: option types, loading the trace and pool,
+the replay config, the progress bar, the results table and quiet logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from daemon.cli.errors import fail
+from daemon.replay.config import ReplayConfig, ReplayQuery, draw_queries
+from daemon.replay.files import InputFileError
+from daemon.replay.inprocess import replay
+from daemon.replay.report import ReplayReport
+from daemon.replay.rollouts import RolloutPool, load_rollouts
+from daemon.replay.traces import read_trace
+from solver.fit import ProbePlan
+
+DEFAULT_TRACE = Path("../shared/data/azure_llm_conv_2023.csv")
+DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
+
+TraceOpt = Annotated[
+    Path, typer.Option(help="Arrivals: Azure CSV, Mooncake JSONL or QueryRequest JSONL.")
+]
+RolloutsOpt = Annotated[Path, typer.Option(help="Recorded rollouts pool (rollouts.jsonl).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for drawing pool records and chains.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Replay only the first N arrivals.")]
+WindowSecondsOpt = Annotated[float, typer.Option(help="Window length (trace seconds).")]
+WindowMaxOpt = Annotated[int, typer.Option(help="Close a window at this many queries.")]
+ProbeTokensOpt = Annotated[int, typer.Option(help="Tokens per probe sample (clear only).")]
+ProbeSamplesOpt = Annotated[int, typer.Option(help="Probe samples per query; 0 disables.")]
+
+err_console = Console(stderr=True)
+
+
+def quiet_logs() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def load_inputs(trace: Path, rollouts: Path, limit: int | None, seed: int) -> tuple[
+    RolloutPool, list[ReplayQuery]
+]:  # fmt: skip
+    """The pool and one query per arrival of the trace's first `limit` arrivals."""
+    if limit is not None and limit < 1:
+        fail(f"--limit must be >= 1, got {limit}")
+    try:
+        pool = load_rollouts(rollouts)
+        queries = draw_queries(read_trace(trace, limit=limit), pool, seed)
+    except InputFileError as exc:
+        fail(str(exc))
+    if not queries:
+        fail(f"--trace {trace} holds no arrivals")
+    return pool, queries
+
+
+def make_config(policy: str, budget_per_query: float | None, tokens_per_second: float | None,
+                seed: int, window_seconds: float, window_max_queries: int, probe_samples: int,
+                probe_tokens: int) -> ReplayConfig:  # fmt: skip
+    """The replay config; a bad value fails naming the command-line option."""
+    try:
+        return ReplayConfig(
+            policy=policy,  # type: ignore[arg-type]  # validated by ReplayConfig
+            budget_per_query=budget_per_query,
+            tokens_per_second=tokens_per_second,
+            seed=seed,
+            window_seconds=window_seconds,
+            window_max_queries=window_max_queries,
+            probe=ProbePlan(samples=probe_samples, tokens=probe_tokens),
+        )
+    except ValueError as exc:
+        message = str(exc).replace("budget_per_query", "--budget-per-query")
+        fail(message.replace("tokens_per_second", "--tokens-per-second"))
+
+
+def check_speedup(speedup: float) -> None:
+    if not speedup > 0:
+        fail(f"--speedup must be > 0, got {speedup:g}")
+
+
+@contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient bar on stderr; the context yields `advance(n)`."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def run_replay(
+    queries: Sequence[ReplayQuery], pool: RolloutPool, config: ReplayConfig
+) -> ReplayReport:
+    """In-process replay with a progress bar."""
+    with progress_bar(f"replay {config.policy}", len(queries)) as advance:
+        return asyncio.run(replay(queries, pool, config, on_window=advance))
+
+
+def report_row(budget_per_query: float | None, report: ReplayReport) -> dict[str, Any]:
+    """A sweep or demo row: the budget asked for, then the report's keys."""
+    return {"budget_per_query": budget_per_query, **report.to_dict()}
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    table = Table(title="accuracy vs tokens per query (all generated tokens, probes included)")
+    for column in ("policy", "budget/q", "tokens/q", "probe/q", "accuracy", "answered",
+                   "abandoned", "failed"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in rows:
+        n = max(row["queries"], 1)
+        table.add_row(
+            row["policy"], f"{row.get('budget_per_query', 0):.0f}",
+            f"{row['tokens_per_query']:.0f}", f"{row['tokens_probe'] / n:.0f}",
+            f"{row['mean_accuracy']:.3f}", str(row["answered"]), str(row["abandoned"]),
+            str(row["failed"]),
+        )  # fmt: skip
+    Console(width=max(Console().width, 100)).print(table)

@@ -1,0 +1,147 @@
+"""What a replay runs (policy, budget, windows) and on what (arrivals drawn from a rollout pool),
+and the one budget-span rule every replay path shares.
+
+The budget span rule: a trace "lasts" from its first to its last arrival, at least one window.
+A budget given per query earns `budget_per_query × queries / span` tokens per second over it; a
+budget given as `tokens_per_second` earns that. In-process replay, replay through Kafka and the
+demo all size their budgets with `trace_span`, `token_rate` and `tokens_per_query` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from daemon.core.budget import BudgetLedger
+from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.replay.rollouts import (
+    RolloutPool,
+    draw_counts,
+    oracle_allocation,
+    uniform_cap_for_cost,
+)
+from daemon.replay.simulator import prompt_for
+from daemon.replay.traces import Arrival
+from schemas.messages import QueryRequest
+from solver.fit import ProbePlan
+from solver.priors import PriorBook
+
+PolicyName = Literal["clear", "uniform", "oracle"]
+POLICIES: tuple[PolicyName, ...] = ("clear", "uniform", "oracle")
+# A chain may run this long in replay: longer than any recorded chain, so only budgets bind.
+REPLAY_MAX_TOKENS = 1 << 16
+DEFAULT_PROBE = ProbePlan(samples=1, tokens=256)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    policy: PolicyName
+    budget_per_query: float | None = None
+    tokens_per_second: float | None = None
+    seed: int = 0
+    window_seconds: float = 2.0
+    window_max_queries: int = 256
+    probe: ProbePlan = DEFAULT_PROBE
+    carry_over_windows: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if (self.budget_per_query is None) == (self.tokens_per_second is None):
+            raise ValueError("give exactly one of budget_per_query or tokens_per_second")
+        for name in ("budget_per_query", "tokens_per_second"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayQuery:
+    arrival: float
+    request: QueryRequest
+    record: int  # index into the rollout pool
+
+
+def draw_queries(arrivals: Iterable[Arrival], pool: RolloutPool, seed: int) -> list[ReplayQuery]:
+    """One query per arrival, drawing pool records evenly: a seeded shuffle, reshuffled per lap."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    queries = []
+    for i, arrival in enumerate(arrivals):
+        if not order:
+            order = rng.permutation(len(pool)).tolist()
+        index = order.pop()
+        record = pool.records[index]
+        request = QueryRequest(
+            id=f"q{i:06d}",
+            prompt=prompt_for(record),
+            tags={"task": record.benchmark, "model": record.model},
+        )
+        queries.append(ReplayQuery(arrival.arrival, request, index))
+    return queries
+
+
+# --------------------------------------------------------------------------- the budget rule
+
+
+def trace_span(
+    queries: Sequence[ReplayQuery], window_seconds: float, speedup: float = 1.0
+) -> float:
+    """Seconds from the first to the last arrival (replayed `speedup` times faster), at least
+    `window_seconds`: the time a replay's budget accrues over."""
+    span = (queries[-1].arrival - queries[0].arrival) / speedup if queries else 0.0
+    return max(span, window_seconds)
+
+
+def token_rate(config: ReplayConfig, queries: Sequence[ReplayQuery], speedup: float = 1.0) -> float:
+    """Tokens per (wall-clock, at `speedup`) second that `config`'s budget earns on `queries`."""
+    if config.tokens_per_second is not None:
+        return config.tokens_per_second * speedup
+    span = trace_span(queries, config.window_seconds)
+    return float(config.budget_per_query or 0.0) * len(queries) / span * speedup
+
+
+def tokens_per_query(config: ReplayConfig, queries: Sequence[ReplayQuery]) -> float:
+    """The budget as tokens per query (what cost-matched uniform and the oracle are given)."""
+    if config.budget_per_query is not None:
+        return config.budget_per_query
+    span = trace_span(queries, config.window_seconds)
+    return token_rate(config, queries) * span / max(len(queries), 1)
+
+
+def budget_ledger(config: ReplayConfig) -> BudgetLedger:
+    """The in-process ledger: it earns per trace second, or per query when budgeted by count
+    (then a window "lasts" as many units as it holds queries; see `ledger_span`)."""
+    if config.tokens_per_second is not None:
+        rate, window = config.tokens_per_second, config.window_seconds
+    else:
+        rate, window = float(config.budget_per_query or 0.0), float(config.window_max_queries)
+    return BudgetLedger(rate, carry_over_cap_tokens=rate * window * config.carry_over_windows)
+
+
+def ledger_span(config: ReplayConfig, duration: float, size: int) -> float:
+    """What a window of `duration` seconds and `size` queries earns for on `budget_ledger`."""
+    return duration if config.tokens_per_second is not None else size
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def make_policy(
+    config: ReplayConfig, pool: RolloutPool, queries: Sequence[ReplayQuery]
+) -> AllocationPolicy:
+    """The allocation policy `config` names; uniform and oracle are sized to the budget."""
+    per_query = tokens_per_query(config, queries)
+    if config.policy == "clear":
+        return ClearPolicy(config.probe, PriorBook())
+    if config.policy == "uniform":
+        # Cost-matched: the one cap whose expected cost per query equals the budget.
+        if config.budget_per_query is None:
+            return UniformPolicy()
+        return UniformPolicy(round(uniform_cap_for_cost(pool, per_query)))
+    weights = draw_counts(pool, [pool.records[q.record].key for q in queries])
+    oracle = oracle_allocation(pool, per_query, weights=weights)
+    return OraclePolicy({q.request.id: int(oracle.caps[q.record]) for q in queries})

@@ -1,0 +1,66 @@
+"""The demo and `replay --kafka` rig raise exceptions (the CLI words them) and report progress
+through a callback; one run through a real embedded broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import daemon.replay.demo
+from daemon.replay.config import ReplayConfig, draw_queries
+from daemon.replay.demo import run_demo
+from daemon.replay.embedded import BrokerStartError
+from daemon.replay.rollouts import load_rollouts
+from daemon.replay.traces import read_trace
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data: Path):
+    pool = load_rollouts(shared_data / "rollouts.jsonl")
+    queries = draw_queries(read_trace(shared_data / "azure_llm_conv_2023.csv", limit=60), pool, 0)
+    return pool, queries
+
+
+DEMO = ("uniform", "clear")
+CONFIGS = [ReplayConfig(policy=p, budget_per_query=500) for p in DEMO]
+
+
+def test_a_broker_that_cannot_start_is_an_exception(
+    monkeypatch: pytest.MonkeyPatch, inputs
+) -> None:
+    def no_broker() -> None:
+        raise BrokerStartError("no tansu here")
+
+    monkeypatch.setattr(daemon.replay.demo, "start_embedded_broker", no_broker)
+    lines: list[str] = []
+    with pytest.raises(BrokerStartError, match="no tansu"):
+        run_demo(*inputs, CONFIGS, speedup=10.0, on_progress=lines.append)
+    assert lines == []
+
+
+def test_a_bad_speedup_is_a_value_error(inputs) -> None:
+    with pytest.raises(ValueError, match="speedup"):
+        run_demo(*inputs, CONFIGS, speedup=0.0)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_demo_runs_both_policies_through_kafka(inputs) -> None:
+    pool, queries = inputs
+    lines: list[str] = []
+    reports = run_demo(pool=pool, queries=queries, configs=CONFIGS, speedup=20.0,
+                       on_progress=lines.append)  # fmt: skip
+    assert tuple(r.policy for r in reports) == DEMO
+    assert lines == [
+        f"  {p}: 60 queries through Kafka at 20x pace ..." for p in ("uniform", "clear")
+    ]
+    for report in reports:
+        assert report.queries == 60
+        assert report.answered + report.abandoned + report.failed == 60
+        assert report.windows >= 1
+        assert report.wall_seconds > 0
+        # The budget asked for, spread over the replayed trace (what the daemon spends can
+        # exceed it: its windows keep earning while the results drain).
+        assert report.budget_tokens == pytest.approx(500 * 60, rel=1e-6)
+        assert report.tokens_total > 0
