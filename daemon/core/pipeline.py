@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import structlog
 
@@ -147,27 +148,12 @@ class WindowPipeline:
     async def _probe(self, live: list[_Query], plan: ProbePlan, window_id: str) -> None:
         async def probe_one(query: _Query) -> None:
             max_tokens = min(plan.tokens, self._cap(query.request))
-            try:
-                probe = await self._complete(
-                    query.request, query.request.prompt, n=plan.samples, max_tokens=max_tokens
-                )
-            except BackendError as exc:
-                query.result = _result(
-                    query, Status.FAILED, window_id, None, reason=f"probe failed: {exc}"
-                )
-                return
-            except _DeadlinePassed:
-                query.result = _expired(query, window_id, None, "the probe")
-                return
-            query.probe_tokens = _charge(probe, plan.samples, max_tokens)
-            problem = _inconsistency(probe, plan.samples, max_tokens, probe=True)
-            if problem is not None:  # fails this query only, charged what the pod generated
-                query.result = _result(
-                    query, Status.FAILED, window_id, None, reason=f"probe failed: {problem}"
-                )
-                return
-            query.probe = probe
-            query.outcomes = _outcomes(probe)
+            probe = await self._request(
+                query, "probe", query.request.prompt, plan.samples, max_tokens, window_id, None
+            )
+            if probe is not None:
+                query.probe = probe
+                query.outcomes = _outcomes(probe)
 
         await asyncio.gather(*(probe_one(q) for q in live))
         self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
@@ -208,22 +194,8 @@ class WindowPipeline:
         """Continue `chain` (None: a fresh chain) within `tokens`; if it does not finish, answer
         with `fallback` (what the finished probes agreed on) when there is one."""
         prompt = _continuation_prompt(query.request.prompt, query.probe, chain)
-        try:
-            completion = await self._complete(query.request, prompt, n=1, max_tokens=tokens)
-        except BackendError as exc:
-            query.result = _result(
-                query, Status.FAILED, window_id, price, reason=f"dispatch failed: {exc}"
-            )
-            return
-        except _DeadlinePassed:
-            query.result = _expired(query, window_id, price, "dispatch")
-            return
-        query.dispatch_tokens = _charge(completion, 1, tokens)
-        problem = _inconsistency(completion, 1, tokens)
-        if problem is not None:
-            query.result = _result(
-                query, Status.FAILED, window_id, price, reason=f"dispatch failed: {problem}"
-            )
+        completion = await self._request(query, "dispatch", prompt, 1, tokens, window_id, price)
+        if completion is None:
             return
         sample = completion.samples[0]
         chain_tokens = (chain.completion_tokens or 0 if chain else 0) + query.dispatch_tokens
@@ -244,6 +216,42 @@ class WindowPipeline:
         answer = extract_answer(text)
         self._observe(query, chain_tokens, finished=True, answer=answer)
         query.result = _result(query, Status.ANSWERED, window_id, price, answer=answer, text=text)
+
+    async def _request(
+        self,
+        query: _Query,
+        phase: Literal["probe", "dispatch"],
+        prompt: str | list[int],
+        n: int,
+        max_tokens: int,
+        window_id: str,
+        price: float | None,
+    ) -> Completion | None:
+        """One backend request for `query`, its tokens charged to `phase`. On failure, an
+        expired deadline or an inconsistent response, the query gets its result (this query
+        only, charged what the pod reported, at most the request's allowance) and None."""
+        try:
+            completion = await self._complete(query.request, prompt, n=n, max_tokens=max_tokens)
+        except BackendError as exc:
+            query.result = _result(
+                query, Status.FAILED, window_id, price, reason=f"{phase} failed: {exc}"
+            )
+            return None
+        except _DeadlinePassed:
+            query.result = _expired(query, window_id, price, phase)
+            return None
+        charged = _charge(completion, n, max_tokens)
+        if phase == "probe":
+            query.probe_tokens = charged
+        else:
+            query.dispatch_tokens = charged
+        problem = _inconsistency(completion, n, max_tokens, probe=phase == "probe")
+        if problem is not None:
+            query.result = _result(
+                query, Status.FAILED, window_id, price, reason=f"{phase} failed: {problem}"
+            )
+            return None
+        return completion
 
     async def _complete(
         self, request: QueryRequest, prompt: str | list[int], *, n: int, max_tokens: int
