@@ -24,9 +24,12 @@ def run() -> None:
     configure_logging(settings.log_level)
     tune_gc()
 
-    async def main() -> None:
+    async def main() -> str | None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        await run_daemon(settings, stop)
+        daemon = await run_daemon(settings, stop)
+        return daemon.state.fatal_error
 
-    asyncio.run(main())
+    fatal = asyncio.run(main())
+    if fatal is not None:  # e.g. the results topic refuses the daemon: a restart will not help
+        fail(fatal, code=1)

@@ -26,7 +26,7 @@ from daemon.core.ports import ResultSink
 from daemon.core.windowing import Window, WindowAssembler
 from daemon.kafka.intake import Intake, Rejection
 from daemon.kafka.offsets import OffsetTracker
-from daemon.kafka.sinks import BrokerHealth
+from daemon.kafka.sinks import BrokerHealth, FatalPublishError
 from schemas.messages import Status
 
 POLL_TIMEOUT_MS = 100
@@ -34,6 +34,7 @@ BROKER_CHECK_INTERVAL_S = 5.0
 BROKER_CHECK_TIMEOUT_S = 3.0
 COMMIT_INTERVAL_S = 0.5
 MAX_RECORDS_PER_POLL = 2000
+LAST_PUBLISH_S = 3.0  # after the shutdown deadline, for the abandoned queries' results
 
 
 class Consumer(Protocol):
@@ -129,6 +130,7 @@ class Daemon:
         # those already publishing (a revoke lets them finish rather than half-publish).
         self._running: dict[asyncio.Task[None], Window[PendingQuery]] = {}
         self._publishing: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()  # rejections being published
         self._shutdown_deadline_s = shutdown_deadline_s
         self._last_commit = 0.0
         self._paused = False
@@ -143,7 +145,7 @@ class Daemon:
         dispatcher = asyncio.create_task(self._dispatch_windows(), name="window-dispatcher")
         self.state.consuming = True
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.state.fatal_error is None:
                 await self._poll_once()
         finally:
             self.state.consuming = False
@@ -169,8 +171,8 @@ class Daemon:
                 rejection = self._admit(tp, record)
                 if rejection is not None:
                     rejections.append(rejection)
-        if rejections:
-            await self._publish_rejections(rejections)
+        if rejections:  # published beside the loop: a slow or refusing DLQ must not stall it
+            self._track(asyncio.create_task(self._publish_rejections(rejections)))
         self._enqueue(self._assembler.due(self._clock()))
         self._metrics.queue_depth.set(self._assembler.pending)
         self._metrics.in_flight.set(self._offsets.in_flight())
@@ -236,11 +238,19 @@ class Daemon:
         for window in closed:
             self._windows.put_nowait(window)
 
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
     async def _publish_rejections(self, rejections: list[Rejection]) -> None:
-        await self._sink.publish_dead_letters([r.dead_letter for r in rejections])
-        results = [r.result for r in rejections if r.result is not None]
-        if results:
-            await self._sink.publish_results(results)
+        try:
+            await self._sink.publish_dead_letters([r.dead_letter for r in rejections])
+            results = [r.result for r in rejections if r.result is not None]
+            if results:
+                await self._sink.publish_results(results)
+        except FatalPublishError as exc:
+            self._fatal(exc)
+            return
         self._metrics.dead_letters.inc(len(rejections))
         self._metrics.queries.labels(status="rejected").inc(len(rejections))
         for rejection in rejections:
@@ -288,7 +298,7 @@ class Daemon:
             self._run_window(window, budget, holds_slot), name=window.window_id
         )
         self._running[task] = window
-        task.add_done_callback(self._running.pop)
+        task.add_done_callback(lambda done: self._running.pop(done, None))
 
     async def _run_window(
         self, window: Window[PendingQuery], budget: float, holds_slot: bool
@@ -298,14 +308,18 @@ class Daemon:
             outcome = await self._pipeline.run(window, budget)
             self._publishing.add(asyncio.current_task())  # type: ignore[arg-type]
             await self._sink.publish_results(outcome.results)
-            await self._sink.publish_window(outcome.report)
+            # Published: done, whatever happens to the report (a drain must not relabel them).
+            self._finish(window.items)
+            self._running.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._ledger.settle(budget, outcome.report.spent_tokens)
             self._metrics.budget_carry.set(self._ledger.carry)
-            self._finish(window.items)
             self.state.windows_done += 1
+            await self._sink.publish_window(outcome.report)
             self._metrics.window_seconds.observe(self._clock() - started)
         except asyncio.CancelledError:
             raise
+        except FatalPublishError as exc:  # offsets stay uncommitted: a restart redoes them
+            self._fatal(exc)
         except Exception as exc:  # a window must never take the daemon down, nor lose a query
             self._log.exception("window_failed", window_id=window.window_id, error=str(exc))
             self._metrics.window_errors.inc()
@@ -328,6 +342,13 @@ class Daemon:
             return
         self._metrics.queries.labels(status="failed").inc(len(window.items))
         self._finish(window.items)
+
+    def _fatal(self, error: FatalPublishError) -> None:
+        """A topic refuses the daemon for good: stop consuming, turn unhealthy, exit non-zero
+        after the drain (nothing is committed past what was published)."""
+        if self.state.fatal_error is None:
+            self._log.error("publish_refused", error=str(error))
+            self.state.fatal_error = f"publishing refused: {error}"
 
     def _finish(self, items: Sequence[PendingQuery]) -> None:
         for item in items:
@@ -413,7 +434,7 @@ class Daemon:
         dispatcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await dispatcher
-        pending = set(self._running)
+        pending = set(self._running) | self._side_tasks
         if pending:
             _, late = await asyncio.wait(pending, timeout=self._shutdown_deadline_s)
             await self._abandon_late(late)
@@ -421,17 +442,21 @@ class Daemon:
             await self.commit()
 
     async def _abandon_late(self, late: set[asyncio.Task[None]]) -> None:
-        leftovers = [item for task in late for item in self._running[task].items]
+        unpublished = [self._running[task] for task in late if task in self._running]
+        leftovers = [item for window in unpublished for item in window.items]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-        if leftovers:
-            results = unserved_results(
-                leftovers, Status.ABANDONED, SHUTDOWN_REASON, shadow_price=0.0
-            )
-            await self._sink.publish_results(results)
-            self._finish(leftovers)
-            self._metrics.queries.labels(status="abandoned").inc(len(results))
+        if not leftovers:
+            return
+        results = unserved_results(leftovers, Status.ABANDONED, SHUTDOWN_REASON, shadow_price=0.0)
+        try:  # bounded: SIGTERM ends the process; what is not published is re-read on restart
+            await asyncio.wait_for(self._sink.publish_results(results), LAST_PUBLISH_S)
+        except (TimeoutError, FatalPublishError) as exc:
+            self._log.warning("shutdown_publish_failed", queries=len(results), error=str(exc))
+            return
+        self._finish(leftovers)
+        self._metrics.queries.labels(status="abandoned").inc(len(results))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

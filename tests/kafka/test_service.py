@@ -17,6 +17,7 @@ from daemon.core.policies import AllocationPolicy, UniformPolicy
 from daemon.core.ports import CompletionBackend
 from daemon.kafka.intake import Intake
 from daemon.kafka.service import Daemon
+from daemon.kafka.sinks import FatalPublishError
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from daemon.replay.simulator import SimulatedBackend, prompt_for
 from schemas.messages import DeadLetter, QueryRequest, QueryResult, Status, WindowReport
@@ -274,3 +275,20 @@ async def test_a_backlog_is_paced_at_the_budget_rate_not_dumped_into_starved_win
     assert spent == 100 * 100
     assert spent <= rate * elapsed + cap  # the rate held over the burst
     assert ledger.outstanding <= ledger.earned_total + 1e-6
+
+
+async def test_a_refusing_results_topic_stops_the_daemon_and_commits_nothing_more() -> None:
+    consumer = MemoryConsumer(partitions=1)
+
+    class RefusingSink(MemorySink):
+        async def publish_results(self, results: Sequence[QueryResult]) -> None:
+            raise FatalPublishError("results: TopicAuthorizationFailedError")
+
+    for i in range(5):
+        consumer.append(0, query(i))
+    daemon = make_daemon(consumer, RefusingSink())
+    stop = asyncio.Event()
+    await asyncio.wait_for(daemon.run(stop), 10)  # returns by itself: no SIGTERM needed
+    assert daemon.state.fatal_error is not None
+    assert "TopicAuthorizationFailedError" in daemon.state.fatal_error
+    assert consumer.committed == {}
