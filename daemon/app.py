@@ -19,7 +19,7 @@ from daemon.core.pipeline import WindowPipeline
 from daemon.core.policies import AllocationPolicy, ClearPolicy
 from daemon.core.ports import CompletionBackend
 from daemon.http_server import HealthChecks, start_http_server
-from daemon.kafka.clients import make_consumer, make_producer
+from daemon.kafka.clients import start_clients
 from daemon.kafka.intake import Intake, IntakeLimits
 from daemon.kafka.service import Daemon
 from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
@@ -47,9 +47,27 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+# Libraries whose DEBUG records carry payloads (aiokafka logs every produced record): they log at
+# INFO at most, whatever CLEAR_LOG_LEVEL says.
+QUIET_LIBRARIES = ("aiokafka", "aiohttp", "asyncio")
+
+
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr; prompts are never logged."""
-    logging.basicConfig(level=level, format="%(message)s")
+    """JSON lines, the libraries' records too; prompts and record values are never logged."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(),
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -98,11 +116,8 @@ async def run_daemon(
             pool = build_backend(settings, registry)
             stack.push_async_callback(pool.aclose)
             backend = pool
-        consumer = make_consumer(settings)
-        producer = make_producer(settings)
-        await producer.start()
+        consumer, producer = await start_clients(settings, log)
         stack.push_async_callback(producer.stop)
-        await consumer.start()
         stack.push_async_callback(consumer.stop)
         policy = policy or ClearPolicy(
             ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook()

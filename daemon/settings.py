@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     kafka_idempotent_producer: bool = Field(
         default=True, description="Idempotent result producer; turn off for brokers without it."
     )
+    kafka_startup_wait_seconds: float = Field(
+        default=0.0, ge=0, description="Wait this long for the broker at start (orchestration)."
+    )
 
     # --- vLLM backends ---------------------------------------------------------------------
     vllm_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(

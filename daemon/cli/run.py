@@ -20,6 +20,7 @@ def run() -> None:
     except SettingsError as exc:
         fail(str(exc))
     from daemon.app import configure_logging, install_signal_handlers, run_daemon, tune_gc
+    from daemon.kafka.clients import StartupError
 
     configure_logging(settings.log_level)
     tune_gc()
@@ -30,6 +31,9 @@ def run() -> None:
         daemon = await run_daemon(settings, stop)
         return daemon.state.fatal_error
 
-    fatal = asyncio.run(main())
+    try:
+        fatal = asyncio.run(main())
+    except StartupError as exc:
+        fail(str(exc))
     if fatal is not None:  # e.g. the results topic refuses the daemon: a restart will not help
         fail(fatal, code=1)

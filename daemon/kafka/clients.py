@@ -2,16 +2,118 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownError,
+    UnsupportedVersionError,
+)
 
-from daemon.settings import Settings
+from daemon.settings import Settings, env_var
+
+# New partitions (and topics) are seen within a minute, not aiokafka's default five.
+METADATA_MAX_AGE_MS = 60_000
+STARTUP_RETRY_S = 1.0
+
+
+class StartupError(RuntimeError):
+    """The broker could not be used at start-up; the message names the variable to check."""
+
+
+async def start_clients(
+    settings: Settings,
+    log: structlog.typing.FilteringBoundLogger,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """Started consumer and producer. Waits up to CLEAR_KAFKA_STARTUP_WAIT_SECONDS for the
+    broker; falls back, with one warning, to a plain producer where the broker refuses an
+    idempotent one; anything else is one `StartupError` line naming the variable."""
+    give_up_at = clock() + settings.kafka_startup_wait_seconds
+    # aiokafka logs each failed connection itself; the one line that matters is ours.
+    logging.getLogger("aiokafka").disabled = True
+    try:
+        return await _start_both(settings, log, sleep, clock, give_up_at)
+    finally:
+        logging.getLogger("aiokafka").disabled = False
+
+
+async def _start_both(
+    settings: Settings,
+    log: structlog.typing.FilteringBoundLogger,
+    sleep: Callable[[float], Awaitable[None]],
+    clock: Callable[[], float],
+    give_up_at: float,
+) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    while True:
+        try:
+            producer = await _start_producer(settings, log)
+            break
+        except KafkaConnectionError as exc:
+            if clock() >= give_up_at:
+                raise StartupError(_unreachable(settings, exc)) from exc
+            await sleep(STARTUP_RETRY_S)
+    consumer = make_consumer(settings)
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise StartupError(_unreachable(settings, exc)) from exc
+    return consumer, producer
+
+
+async def _start_producer(
+    settings: Settings, log: structlog.typing.FilteringBoundLogger
+) -> AIOKafkaProducer:
+    producer = make_producer(settings)
+    try:
+        await producer.start()
+        return producer
+    except KafkaConnectionError:
+        await producer.stop()
+        raise
+    except (UnknownError, UnsupportedVersionError) as exc:
+        await producer.stop()
+        if not settings.kafka_idempotent_producer:
+            raise StartupError(_unreachable(settings, exc)) from exc
+        log.warning(
+            "idempotent_producer_refused",
+            hint=f"the broker refused an idempotent producer; set "
+            f"{env_var('kafka_idempotent_producer')}=false to silence this",
+            error=type(exc).__name__,
+        )
+    except KafkaError as exc:
+        await producer.stop()
+        raise StartupError(_unreachable(settings, exc)) from exc
+    producer = make_producer(settings, idempotent=False)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise StartupError(_unreachable(settings, exc)) from exc
+    return producer
+
+
+def _unreachable(settings: Settings, error: BaseException) -> str:
+    where = f"{env_var('kafka_bootstrap')}={settings.kafka_bootstrap}"
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        where += f" ({env_var('kafka_security_protocol')}={settings.kafka_security_protocol})"
+    detail = str(error)
+    if not detail.startswith(type(error).__name__):
+        detail = f"{type(error).__name__}: {detail}"
+    return f"cannot use the Kafka broker at {where}: {detail}"
 
 
 def security_options(settings: Settings) -> dict[str, Any]:
@@ -47,16 +149,18 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         rebalance_timeout_ms=5_000,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         **security_options(settings),
     )
 
 
-def make_producer(settings: Settings) -> AIOKafkaProducer:
+def make_producer(settings: Settings, *, idempotent: bool | None = None) -> AIOKafkaProducer:
     """Results producer: acks from all replicas; idempotence where the broker supports it."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
-        enable_idempotence=settings.kafka_idempotent_producer,
+        enable_idempotence=settings.kafka_idempotent_producer if idempotent is None else idempotent,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         linger_ms=5,
         request_timeout_ms=10_000,  # fail fast into RetryingSink's backoff when the broker is gone
         **security_options(settings),
