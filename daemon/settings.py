@@ -364,11 +364,19 @@ def _validated(build: Callable[[], Settings]) -> Settings:
         raise SettingsError(_describe(error) for error in exc.errors()) from None
 
 
+# `scheme://user:password@host`: the user:password part, never echoed in an error.
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s'\",]+@")
+
+
 def _describe(error: Mapping[str, Any]) -> str:
-    message = str(error["msg"]).removeprefix("Value error, ")
+    message = _redact(str(error["msg"]).removeprefix("Value error, "))
     loc = error.get("loc") or ()
     if not loc:
         return message
     field = str(loc[0])
-    shown = "" if field in SECRET_FIELDS else f" (got {error.get('input')!r})"
+    shown = "" if field in SECRET_FIELDS else f" (got {_redact(repr(error.get('input')))})"
     return f"{env_var(field)}: {message}{shown}"
+
+
+def _redact(text: str) -> str:
+    return _URL_CREDENTIALS.sub("***@", text)

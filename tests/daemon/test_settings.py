@@ -242,3 +242,16 @@ def test_settings_are_immutable() -> None:
     settings = load_settings({})
     with pytest.raises(ValueError, match="frozen"):
         settings.http_port = 1  # type: ignore[misc]
+
+
+def test_errors_never_echo_url_credentials() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            {"CLEAR_VLLM_ENDPOINTS": "http://user:s3cret@host:8000,ftp://bob:hunter2@x"},
+            env_file=None,
+        )
+    text = str(caught.value)
+    assert "CLEAR_VLLM_ENDPOINTS" in text
+    assert "s3cret" not in text
+    assert "hunter2" not in text
+    assert "***@host:8000" in text
