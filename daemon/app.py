@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -140,6 +143,7 @@ async def run_daemon(
             min_tokens_per_query=settings.paced_tokens_per_query,
             shutdown_deadline_s=settings.shutdown_deadline_seconds,
             backend_ready=backend.ready,
+            window_id_prefix=window_id_prefix(),
             logger=log,
         )
         checks = HealthChecks(
@@ -173,6 +177,13 @@ def _readiness(daemon: Daemon, backend: CompletionBackend) -> str | None:
     if not backend.ready():
         return "no vLLM endpoint is available (all circuit breakers open)"
     return None
+
+
+def window_id_prefix() -> str:
+    """Replica and start time, so window ids never repeat across replicas or restarts (a
+    compacted window topic would otherwise overwrite one replica's reports with another's)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:100] or "replica"
+    return f"{host}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

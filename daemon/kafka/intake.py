@@ -43,6 +43,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_MAX_DEAD_LETTER_VALUE_BYTES = 512 * 1024
 DEFAULT_PREVIEW_CHARS = 512
 MAX_ERRORS_LISTED = 5
+DUPLICATE_ID_ERROR = "id: duplicate of an id already received in this window"
 MAX_LOCATION_PART_CHARS = 64
 # No field takes an integer this long; refusing to convert it also avoids int()'s quadratic cost.
 MAX_INTEGER_DIGITS = 100
@@ -131,8 +132,11 @@ class Intake:
             error = f"message: could not be validated ({type(exc).__name__})"
             return self._reject(value, error, None, topic, partition, offset)
         if request.id in seen_ids:
-            error = "id: duplicate of an id already received in this window"
-            return self._reject(value, error, request.id, topic, partition, offset)
+            # The DLQ only: a `rejected` result keyed by this id would read as the outcome of
+            # the original query, which gets its own result.
+            error = DUPLICATE_ID_ERROR
+            rejection = self._reject(value, error, request.id, topic, partition, offset)
+            return Rejection(dead_letter=rejection.dead_letter, result=None)
         seen_ids.add(request.id)
         return request
 

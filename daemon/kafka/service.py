@@ -95,6 +95,7 @@ class Daemon:
         logger: structlog.typing.FilteringBoundLogger | None = None,
         broker_health: BrokerHealth | None = None,
         backend_ready: Callable[[], bool] = lambda: True,
+        window_id_prefix: str = "w",
     ) -> None:
         self._consumer = consumer
         self.broker_health = broker_health or BrokerHealth()
@@ -110,7 +111,7 @@ class Daemon:
         self._log = logger or structlog.get_logger("clearbudget")
         self._backend_ready = backend_ready
         self._assembler: WindowAssembler[PendingQuery] = WindowAssembler(
-            window_seconds, window_max_queries, started_at=clock()
+            window_seconds, window_max_queries, started_at=clock(), id_prefix=window_id_prefix
         )
         # Pacing: windows hold no more queries than their budget pays this much each, and
         # start no faster than the budget accrues for them (a backlog waits in Kafka).
