@@ -22,7 +22,7 @@ from daemon.core.pipeline import WindowPipeline
 from daemon.core.policies import AllocationPolicy, ClearPolicy
 from daemon.core.ports import CompletionBackend
 from daemon.http_server import HealthChecks, start_http_server
-from daemon.kafka.clients import start_clients
+from daemon.kafka.clients import start_clients, window_reports_possible
 from daemon.kafka.intake import Intake, IntakeLimits
 from daemon.kafka.service import Daemon
 from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
@@ -122,6 +122,8 @@ async def run_daemon(
         consumer, producer = await start_clients(settings, log)
         stack.push_async_callback(producer.stop)
         stack.push_async_callback(consumer.stop)
+        if not await window_reports_possible(settings, consumer, log):
+            settings = settings.model_copy(update={"window_topic": None})
         policy = policy or ClearPolicy(
             ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook()
         )

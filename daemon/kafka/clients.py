@@ -68,10 +68,44 @@ async def _start_both(
     consumer = make_consumer(settings)
     try:
         await consumer.start()
+        missing = _missing_topics(settings, await consumer.topics())
     except KafkaError as exc:
-        await producer.stop()
+        await asyncio.gather(consumer.stop(), producer.stop())
         raise StartupError(_unreachable(settings, exc)) from exc
+    if missing:
+        await asyncio.gather(consumer.stop(), producer.stop())
+        raise StartupError(missing)
     return consumer, producer
+
+
+async def window_reports_possible(
+    settings: Settings, consumer: AIOKafkaConsumer, log: structlog.typing.FilteringBoundLogger
+) -> bool:
+    """Whether the optional window-report topic exists; if not, one warning (reports are
+    best-effort and never hold results back)."""
+    if not settings.window_topic:
+        return False
+    if settings.window_topic in await consumer.topics():
+        return True
+    log.warning(
+        "window_topic_missing",
+        topic=settings.window_topic,
+        hint=f"window reports are off; create the topic or set {env_var('window_topic')}=",
+    )
+    return False
+
+
+def _missing_topics(settings: Settings, existing: set[str]) -> str | None:
+    """One line naming each configured topic the broker does not have, and its variable."""
+    fields = ("input_topic", "result_topic", "dlq_topic")
+    absent = [
+        f"{getattr(settings, f)!r} ({env_var(f)})"
+        for f in fields
+        if getattr(settings, f) and getattr(settings, f) not in existing
+    ]
+    if not absent:
+        return None
+    return f"the Kafka broker at {settings.kafka_bootstrap} has no topic " + ", ".join(absent)
 
 
 async def _start_producer(

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from daemon.app import run_daemon
+from daemon.kafka.clients import StartupError
 from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from daemon.replay.simulator import SimulatedBackend, prompt_for
@@ -79,3 +80,27 @@ def test_an_unreachable_broker_is_one_line_naming_the_variable() -> None:
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("error: cannot use the Kafka broker at CLEAR_KAFKA_BOOTSTRAP=")
+
+
+async def test_a_missing_topic_is_named_with_its_variable(
+    kafka_broker: EmbeddedBroker, kafka_topic
+) -> None:
+    results = await kafka_topic("results")
+    settings = load_settings(
+        {
+            "CLEAR_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+            "CLEAR_INPUT_TOPIC": "no-such-queries",
+            "CLEAR_RESULT_TOPIC": results,
+            "CLEAR_DLQ_TOPIC": "no-such-dlq",
+            "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",
+            "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
+            "CLEAR_HTTP_PORT": str(free_loopback_port()),
+        },
+        env_file=None,
+    )
+    with pytest.raises(StartupError) as caught:
+        await run_daemon(settings, asyncio.Event(), backend=SimulatedBackend(POOL))
+    message = str(caught.value)
+    assert "'no-such-queries' (CLEAR_INPUT_TOPIC)" in message
+    assert "'no-such-dlq' (CLEAR_DLQ_TOPIC)" in message
+    assert "CLEAR_RESULT_TOPIC" not in message
