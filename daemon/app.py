@@ -104,7 +104,6 @@ async def run_daemon(
     registry: CollectorRegistry | None = None,
     backend: CompletionBackend | None = None,
     policy: AllocationPolicy | None = None,
-    http_host: str = "0.0.0.0",
     on_start: Callable[[Daemon], None] | None = None,
 ) -> Daemon:
     """Run until `stop` is set; returns the daemon (its state) after a clean drain.
@@ -151,7 +150,9 @@ async def run_daemon(
         checks = HealthChecks(
             liveness=lambda: _liveness(daemon), readiness=lambda: _readiness(daemon, backend)
         )
-        runner = await start_http_server(registry, checks, host=http_host, port=settings.http_port)
+        runner = await start_http_server(
+            registry, checks, host=settings.http_host, port=settings.http_port
+        )
         stack.push_async_callback(runner.cleanup)
         log.info(
             "started", input_topic=settings.input_topic, endpoints=len(settings.vllm_endpoints)

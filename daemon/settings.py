@@ -134,6 +134,9 @@ class Settings(BaseSettings):
 
     # --- Process ---------------------------------------------------------------------------
     http_port: int = Field(default=8080, ge=1, le=65535)
+    # Where /metrics, /healthz and /readyz listen: all interfaces in a pod by default;
+    # 127.0.0.1 keeps them on the machine.
+    http_host: str = Field(default="0.0.0.0", min_length=1)
     log_level: LogLevel = "INFO"
     shutdown_deadline_seconds: float = Field(default=25.0, gt=0)
 

@@ -41,6 +41,7 @@ def daemon_settings(base: Settings, config: ReplayConfig, queries: Sequence[Repl
             "probe_tokens": max(config.probe.tokens, 1),
             "max_tokens_per_query": 1 << 16,
             "http_port": free_loopback_port(),
+            "http_host": "127.0.0.1",
         }
     )
 

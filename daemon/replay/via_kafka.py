@@ -40,9 +40,7 @@ async def replay_via_kafka(
     policy = make_policy(config, pool, queries)
     started_daemon: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
     daemon_task = asyncio.create_task(
-        run_daemon(
-            settings, stop, policy=policy, http_host="127.0.0.1", on_start=started_daemon.set_result
-        )
+        run_daemon(settings, stop, policy=policy, on_start=started_daemon.set_result)
     )
     reader = AIOKafkaConsumer(
         settings.result_topic,

@@ -70,14 +70,13 @@ async def test_queries_in_one_terminal_result_each_out(
             "CLEAR_TOKENS_PER_SECOND": "20000",
             "CLEAR_WINDOW_SECONDS": "0.5",
             "CLEAR_HTTP_PORT": str(http_port),
+            "CLEAR_HTTP_HOST": "127.0.0.1",
         },
         env_file=None,
     )
     stop = asyncio.Event()
     registry = CollectorRegistry()
-    daemon_task = asyncio.create_task(
-        run_daemon(settings, stop, registry=registry, http_host="127.0.0.1")
-    )
+    daemon_task = asyncio.create_task(run_daemon(settings, stop, registry=registry))
     good_ids = [f"q{i}" for i in range(40)]
     producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
     await producer.start()

@@ -42,14 +42,13 @@ async def test_daemon_probes_and_continues_on_vllm(
             "CLEAR_PROBE_TOKENS": "16",
             "CLEAR_MAX_TOKENS_PER_QUERY": "600",
             "CLEAR_HTTP_PORT": str(free_loopback_port()),
+            "CLEAR_HTTP_HOST": "127.0.0.1",
         },
         env_file=None,
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()
-    daemon = asyncio.create_task(
-        run_daemon(settings, stop, registry=registry, http_host="127.0.0.1")
-    )
+    daemon = asyncio.create_task(run_daemon(settings, stop, registry=registry))
     ids = [f"v{i}" for i in range(6)]
     producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
     await producer.start()

@@ -42,6 +42,7 @@ async def test_default_settings_run_on_tansu_with_one_warning(
             "CLEAR_CONSUMER_GROUP": topics[0],
             "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",  # the backend is injected
             "CLEAR_HTTP_PORT": str(free_loopback_port()),
+            "CLEAR_HTTP_HOST": "127.0.0.1",
         },  # CLEAR_KAFKA_IDEMPOTENT_PRODUCER left at its default: true
         env_file=None,
     )
@@ -49,7 +50,7 @@ async def test_default_settings_run_on_tansu_with_one_warning(
     with structlog.testing.capture_logs() as logs:
         daemon = asyncio.create_task(
             run_daemon(settings, stop, registry=CollectorRegistry(),
-                       backend=SimulatedBackend(POOL), http_host="127.0.0.1")
+                       backend=SimulatedBackend(POOL))
         )  # fmt: skip
         producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
         await producer.start()
@@ -71,6 +72,7 @@ def test_an_unreachable_broker_is_one_line_naming_the_variable() -> None:
         "CLEAR_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_loopback_port()}",
         "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",
         "CLEAR_HTTP_PORT": str(free_loopback_port()),
+        "CLEAR_HTTP_HOST": "127.0.0.1",
     }
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "run"], env=env, capture_output=True, text=True,
@@ -95,6 +97,7 @@ async def test_a_missing_topic_is_named_with_its_variable(
             "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",
             "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
             "CLEAR_HTTP_PORT": str(free_loopback_port()),
+            "CLEAR_HTTP_HOST": "127.0.0.1",
         },
         env_file=None,
     )

@@ -40,9 +40,7 @@ def admit(
 ) -> QueryRequest | Rejection:
     intake = Intake(limits, clock=fixed_clock)
     seen = set() if seen is None else seen
-    return intake.admit(
-        value, topic=TOPIC, partition=PARTITION, offset=OFFSET, seen_ids=seen
-    )
+    return intake.admit(value, topic=TOPIC, partition=PARTITION, offset=OFFSET, seen_ids=seen)
 
 
 def rejected(value: bytes | None, **kwargs: Any) -> Rejection:
