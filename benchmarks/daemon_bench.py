@@ -115,6 +115,8 @@ async def run_mode(
         "CLEAR_VLLM_ENDPOINTS": sim_url,
         "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
         "CLEAR_TOKENS_PER_SECOND": "1" if mode == "priced-out" else str(args.tokens_per_second),
+        # Priced out means abandoned at once: no backlog pacing (it would hold them for budget).
+        "CLEAR_MIN_TOKENS_PER_QUERY": "0" if mode == "priced-out" else "",
         "CLEAR_WINDOW_SECONDS": str(args.window_seconds),
         "CLEAR_WINDOW_MAX_QUERIES": str(args.window_max_queries),
         "CLEAR_ENDPOINT_CONCURRENCY": str(args.endpoint_concurrency),

@@ -177,6 +177,7 @@ class Settings(BaseSettings):
         "kafka_ssl_cafile",
         "kafka_ssl_certfile",
         "kafka_ssl_keyfile",
+        "min_tokens_per_query",
         mode="before",
     )
     @classmethod
