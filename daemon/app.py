@@ -94,6 +94,7 @@ def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
         max_concurrency_per_endpoint=settings.endpoint_concurrency,
         request_timeout_s=settings.request_timeout_seconds,
         max_attempts=settings.request_retries + 1,
+        outage_wait_s=settings.vllm_outage_wait_seconds,
     )
 
 

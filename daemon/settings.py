@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     endpoint_concurrency: int = Field(default=32, gt=0, description="In-flight requests/pod.")
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     request_retries: int = Field(default=2, ge=0, le=20)
+    # While no pod can take work, a request waits this long for one to come back (0: fail).
+    vllm_outage_wait_seconds: float = Field(default=600.0, ge=0)
 
     # --- Budget and windows ----------------------------------------------------------------
     tokens_per_second: float = Field(default=4000.0, gt=0, description="Global token budget.")

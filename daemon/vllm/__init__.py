@@ -2,6 +2,7 @@
 simulator's server), circuit breakers (`breaker`) and the pod pool (`pool`) behind the
 `daemon.core.ports.CompletionBackend` port, with its HTTP transport injected.
 
-May import `daemon.core.ports`, pydantic, orjson, yarl and aiohttp (the default transport only);
-never aiokafka, `daemon.kafka`, `daemon.replay` or `daemon.cli`.
+May import `daemon.core.ports`, pydantic, orjson, structlog, prometheus_client, yarl and
+aiohttp (the default transport only); never aiokafka, `daemon.kafka`, `daemon.replay` or
+`daemon.cli`.
 """

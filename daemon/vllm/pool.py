@@ -9,14 +9,26 @@ semaphore) and a circuit breaker (`daemon.vllm.breaker`).
 
 Connect errors, timeouts, 429, 5xx and malformed responses are retried on another endpoint (the
 same one only when every usable endpoint has been tried); other 4xx responses fail at once with
-the server's message. `BackendError` is raised only when every attempt failed.
+the server's message. A request whose attempts all fail while other requests succeed raises
+`BackendError`: the request is the problem, not the pods.
 
-HTTP goes through an injected `Transport` (one POST in, status and body out), so the pool's
-policy can be driven without sockets; `AiohttpTransport` is the default. Bodies are encoded and
-decoded by `daemon.vllm.protocol`.
+An outage is not the request's fault, so it waits instead. When no breaker lets a request through
+(before or after its attempts), `complete()` waits, up to `outage_wait_s` in all, for one that
+does, then starts a fresh round of attempts; when every endpoint fails but some breaker is still
+closed (an outage starting), it starts another round after `retry_backoff_s`, which drives the
+breakers open. While
+requests wait, one watcher task per pool probes the open endpoints' `GET /health` with capped
+exponential backoff; a 200 half-opens that breaker at once (the next request is its trial)
+instead of after the cooldown. Waiters wake when a breaker half-opens or closes, when a trial
+slot frees, and on every watcher tick, which is also when they check their deadline on the
+injected clock.
+
+HTTP goes through an injected `Transport` (a POST and a GET in, status and body out), so the
+pool's policy can be driven without sockets; `AiohttpTransport` is the default. Bodies are
+encoded and decoded by `daemon.vllm.protocol`.
 
 May import `daemon.core.ports`, `daemon.vllm.breaker`, `daemon.vllm.protocol`,
-prometheus_client, and aiohttp and yarl (in `AiohttpTransport` only).
+prometheus_client, structlog, and aiohttp and yarl (in `AiohttpTransport` only).
 """
 
 from __future__ import annotations
@@ -27,16 +39,23 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import structlog
 import yarl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon.core.ports import BackendError, Completion
-from daemon.vllm.breaker import BreakerSettings, BreakerState, CircuitBreaker, Verdict
+from daemon.vllm.breaker import (
+    BreakerListener,
+    BreakerSettings,
+    BreakerState,
+    CircuitBreaker,
+    Verdict,
+)
 from daemon.vllm.protocol import (
     CompletionRequest,
     WireFormatError,
@@ -60,6 +79,12 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # reused connection is never one the server has just closed.
 _KEEPALIVE_S = 4.0
 _CACHE_ENTRIES = 256  # parsed URLs and time-outs kept by the transport (one per endpoint in use)
+# Health probes while every endpoint is out: first after 0.5 s, doubling to one every 5 s, so a
+# pod that is back is found within seconds and a long outage costs one GET per pod per 5 s.
+_PROBE_FIRST_S = 0.5
+_PROBE_MAX_S = 5.0
+_PROBE_MIN_S = 0.01  # the shortest tick (a cooldown about to end): never a busy loop
+_HEALTH_TIMEOUT_S = 5.0  # vLLM answers /health at once; a slower answer is no answer
 
 
 # --- the transport seam -------------------------------------------------------------------------
@@ -84,8 +109,14 @@ class Transport(Protocol):
         failures; never follow redirects (a redirect is not an answer)."""
         ...
 
+    async def get(
+        self, url: str, headers: Mapping[str, str], timeout_s: float
+    ) -> tuple[int, bytes]:
+        """GET `url` (the health check), with the same contract as `post`."""
+        ...
+
     async def aclose(self) -> None:
-        """Release connections; no `post` follows."""
+        """Release connections; no request follows."""
         ...
 
 
@@ -114,8 +145,24 @@ class AiohttpTransport:
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> tuple[int, bytes]:
+        return await self._exchange("POST", url, body, headers, timeout_s)
+
+    async def get(
+        self, url: str, headers: Mapping[str, str], timeout_s: float
+    ) -> tuple[int, bytes]:
+        return await self._exchange("GET", url, None, headers, timeout_s)
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        timeout_s: float,
+    ) -> tuple[int, bytes]:
         try:
-            async with self._http().post(
+            async with self._http().request(
+                method,
                 self._url(url),
                 data=body,
                 headers=headers,
@@ -189,6 +236,16 @@ class _RetryableError(Exception):
         self.outcome = outcome
 
 
+@dataclass
+class _Round:
+    """One round of up to `max_attempts` attempts: where they went, why each failed, and the
+    pool's success count at the first failure (did other traffic get through meanwhile?)."""
+
+    tried: list[_Endpoint] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    successes_at_first_failure: int | None = None
+
+
 # --- endpoints and metrics ----------------------------------------------------------------------
 
 
@@ -197,6 +254,7 @@ class _Endpoint:
     index: int
     base_url: str
     completions_url: str
+    health_url: str
     label: str
     semaphore: asyncio.Semaphore
     breaker: CircuitBreaker
@@ -237,6 +295,22 @@ class _PoolMetrics:
         )
 
 
+def _outage_gauges(
+    registry: CollectorRegistry, waiting: Callable[[], float], outage: Callable[[], float]
+) -> None:
+    """Pool-wide gauges, read at scrape time like the per-endpoint ones."""
+    Gauge(
+        "clear_backend_waiting_requests",
+        "Requests waiting for an endpoint because no circuit breaker lets one through.",
+        registry=registry,
+    ).set_function(waiting)
+    Gauge(
+        "clear_backend_outage",
+        "1 while no endpoint can take a request (every breaker open or its trial in flight).",
+        registry=registry,
+    ).set_function(outage)
+
+
 def _endpoint_gauges(registry: CollectorRegistry, endpoints: Sequence[_Endpoint]) -> None:
     """Gauges read from the endpoints at scrape time: nothing to update on the hot path."""
     outstanding = Gauge(
@@ -271,7 +345,9 @@ class VllmPool:
 
     HTTP goes through `transport` (default: an `AiohttpTransport` with a connection per
     concurrency slot and `connect_timeout_s`), which the pool closes in `aclose()`.
-    Metrics register on `registry`, so one registry holds at most one pool.
+    Metrics register on `registry`, so one registry holds at most one pool. `outage_wait_s`
+    bounds how long a request waits for an endpoint while none can take it (0: fail at once).
+    Breaker changes are logged at warning on `logger`.
     """
 
     def __init__(
@@ -293,6 +369,8 @@ class VllmPool:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         transport: Transport | None = None,
+        outage_wait_s: float = 600.0,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         _check_pool_arguments(
             endpoints,
@@ -304,10 +382,16 @@ class VllmPool:
             max_attempts,
             retry_backoff_s,
             affinity_entries,
+            outage_wait_s,
         )
+        self._log = logger or structlog.get_logger("clearbudget.vllm")
         breaker_settings = breaker or BreakerSettings()
+
+        def new_breaker(label: str) -> CircuitBreaker:
+            return CircuitBreaker(breaker_settings, clock, self._breaker_listener(label))
+
         self._endpoints = [
-            _endpoint(i, url, max_concurrency_per_endpoint, CircuitBreaker(breaker_settings, clock))
+            _endpoint(i, url, max_concurrency_per_endpoint, new_breaker)
             for i, url in enumerate(endpoints)
         ]
         if transport is None:
@@ -318,8 +402,11 @@ class VllmPool:
         self._transport = transport
         self._model = model
         self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._health_headers: dict[str, str] = {}
+        if api_key:  # vLLM leaves /health open, but a proxy in front may not
+            self._headers["Authorization"] = self._health_headers["Authorization"] = (
+                f"Bearer {api_key}"
+            )
         self._max_concurrency = max_concurrency_per_endpoint
         self._request_timeout_s = request_timeout_s
         self._max_attempts = max_attempts
@@ -332,7 +419,14 @@ class VllmPool:
         self._sleep = sleep
         self._turn = 0
         self._closed = False
+        self._outage_wait_s = outage_wait_s
+        self._successes = 0  # attempts that succeeded, pool-wide: "does other traffic succeed?"
+        self._waiting = 0  # requests inside `_wait_for_endpoint`
+        self._wake = asyncio.Event()  # set (and replaced) to wake every waiter at once
+        self._watcher: asyncio.Task[None] | None = None
+        self._outage_since: float | None = None  # for the log: when the last breaker opened
         self._metrics = _PoolMetrics.create(registry, self._endpoints)
+        _outage_gauges(registry, lambda: self._waiting, lambda: 0.0 if self._usable() else 1.0)
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -344,11 +438,17 @@ class VllmPool:
 
     def ready(self) -> bool:
         """Whether a request could be sent now: the pool is open and some breaker lets it pass."""
-        return not self._closed and any(ep.breaker.available() for ep in self._endpoints)
+        return not self._closed and self._usable()
 
     async def aclose(self) -> None:
-        """Refuse new requests and close the transport."""
+        """Refuse new requests, fail the waiting ones, stop the watcher, close the transport."""
         self._closed = True
+        self._wake_all()
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+            # wait(), not `await task`: that would raise the watcher's CancelledError, which
+            # must not be confused with (or swallow) a cancellation of aclose() itself.
+            await asyncio.wait({self._watcher})
         await self._transport.aclose()
 
     async def complete(
@@ -359,31 +459,167 @@ class VllmPool:
         max_tokens: int,
         seed: int | None = None,
     ) -> Completion:
-        """Generate `n` chains of at most `max_tokens` tokens continuing `prompt` (text or ids)."""
+        """Generate `n` chains of at most `max_tokens` tokens continuing `prompt` (text or ids),
+        waiting out an outage (up to `outage_wait_s`) rather than failing in it."""
         if self._closed:
             raise BackendError("the vLLM pool is closed")
         request, payload = self._encode(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        deadline: float | None = None  # of this request's outage waits, all together
+        while True:
+            attempts = _Round()
+            completion = await self._attempts(request, payload, attempts)
+            if completion is not None:
+                return completion
+            reasons = "; ".join(attempts.failures)
+            if self._outage_wait_s == 0 or self._failed_alone(attempts):
+                raise BackendError(
+                    f"completion failed after {len(attempts.tried)} attempt(s): {reasons}"
+                )
+            if deadline is None:
+                deadline = self._clock() + self._outage_wait_s
+            if not await self._between_rounds(deadline):
+                raise BackendError(
+                    f"no vLLM endpoint came back within {self._outage_wait_s:g} s (each one "
+                    f"failing or its circuit breaker open); last round: {reasons}"
+                )
+
+    async def _attempts(
+        self, request: CompletionRequest, payload: bytes, attempts: _Round
+    ) -> Completion | None:
+        """One round of up to `max_attempts` attempts; None (reasons in `attempts`) if all fail."""
         preferred = self._affinity_for(request.prompt)
-        tried: list[_Endpoint] = []
-        failures: list[str] = []
+        cost = request.n * request.max_tokens
         for _ in range(self._max_attempts):
-            endpoint = self._pick(tried, preferred)
+            endpoint = self._pick(attempts.tried, preferred)
             if endpoint is None:
-                failures.append("no usable endpoint (every circuit breaker is open)")
+                attempts.failures.append("no usable endpoint (every circuit breaker is open)")
                 break
-            if endpoint in tried and self._retry_backoff_s > 0:
+            if endpoint in attempts.tried and self._retry_backoff_s > 0:
                 await self._sleep(self._retry_backoff_s)
-            tried.append(endpoint)
+            attempts.tried.append(endpoint)
             try:
-                completion = await self._attempt(endpoint, payload, n=n, cost=n * max_tokens)
+                completion = await self._attempt(endpoint, payload, n=request.n, cost=cost)
             except _RetryableError as exc:
-                failures.append(f"{endpoint.label}: {exc}")
+                attempts.failures.append(f"{endpoint.label}: {exc}")
+                if attempts.successes_at_first_failure is None:
+                    attempts.successes_at_first_failure = self._successes
                 continue
             self._remember(request.prompt, completion, endpoint)
             return completion
-        raise BackendError(
-            f"completion failed after {len(tried)} attempt(s): " + "; ".join(failures)
-        )
+        return None
+
+    # --- outages: waiting, probing, waking ----------------------------------------------------
+
+    def _usable(self) -> bool:
+        return any(ep.breaker.available() for ep in self._endpoints)
+
+    def _failed_alone(self, attempts: _Round) -> bool:
+        """Other requests succeeded while this one failed, and some endpoint still takes work:
+        the request is the problem, not the pods (when none takes work, it is an outage)."""
+        mark = attempts.successes_at_first_failure
+        return mark is not None and self._successes > mark and self._usable()
+
+    async def _between_rounds(self, deadline: float) -> bool:
+        """Pause after a round that failed in an outage; False once `deadline` has passed."""
+        if not self._usable():
+            return await self._wait_for_endpoint(deadline)
+        # Every endpoint failing but some breaker still closed: an outage starting. Another
+        # round either opens the breakers (the next pause waits) or meets traffic that shows
+        # the request is the problem.
+        if self._retry_backoff_s > 0:
+            await self._sleep(self._retry_backoff_s)
+        return self._clock() < deadline
+
+    async def _wait_for_endpoint(self, deadline: float) -> bool:
+        """Wait until some breaker lets a request through: True then, False once `deadline`
+        (injected clock) has passed; the pool closing fails the request."""
+        self._waiting += 1
+        try:
+            while True:
+                if self._closed:
+                    raise BackendError("the vLLM pool is closed")
+                if self._usable():
+                    return True
+                if self._clock() >= deadline:
+                    return False
+                self._ensure_watcher()  # each turn: restarts one that ended or died
+                await self._wake.wait()
+        finally:
+            self._waiting -= 1
+
+    def _wake_all(self) -> None:
+        """Wake every current waiter; later ones wait on a fresh event."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch(), name="vllm-pool-outage-watcher"
+            )
+            self._watcher.add_done_callback(self._watcher_ended)
+
+    def _watcher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._log.error("vllm_outage_watcher_failed", error=repr(task.exception()))
+        self._wake_all()  # the waiters' next turn starts a new one
+
+    async def _watch(self) -> None:
+        """While requests wait: tick with capped backoff, probe the open endpoints, wake the
+        waiters (to take a freed endpoint or see their deadline pass)."""
+        backoff = _PROBE_FIRST_S
+        while True:
+            await self._sleep(self._tick_s(backoff))
+            await asyncio.sleep(0)  # an injected `sleep` that returns at once must not hog the loop
+            if self._closed or not self._waiting:
+                return
+            if not self._usable():
+                await self._probe_open_endpoints()
+            self._wake_all()
+            backoff = min(backoff * 2, _PROBE_MAX_S)
+
+    def _tick_s(self, backoff: float) -> float:
+        """`backoff`, cut short where an open breaker's cooldown ends sooner."""
+        left = [ep.breaker.cooldown_left() for ep in self._endpoints if ep.breaker.state == "open"]
+        return max(_PROBE_MIN_S, min([backoff, *(s for s in left if s > 0)]))
+
+    async def _probe_open_endpoints(self) -> None:
+        # Half-open ones are skipped: their trial is in flight and will say more than /health.
+        targets = [ep for ep in self._endpoints if ep.breaker.state == "open"]
+        await asyncio.gather(*(self._probe(ep) for ep in targets))
+
+    async def _probe(self, ep: _Endpoint) -> None:
+        """`GET /health`; a 200 half-opens the breaker, so the next request is its trial."""
+        try:
+            status, _ = await self._transport.get(
+                ep.health_url, self._health_headers, _HEALTH_TIMEOUT_S
+            )
+        except TransportError:
+            return  # still down: the next tick tries again
+        except Exception as exc:  # a broken transport must not kill the watcher waiters rely on
+            self._log.warning("vllm_health_probe_error", endpoint=ep.label, error=repr(exc))
+            return
+        if status == 200 and ep.breaker.allow_trial():
+            self._wake_all()
+
+    def _breaker_listener(self, label: str) -> BreakerListener:
+        def on_change(old: BreakerState, new: BreakerState) -> None:
+            if new == "open":
+                self._log.warning("vllm_breaker_opened", endpoint=label, previous=old)
+                if self._outage_since is None and not self._usable():
+                    self._outage_since = self._clock()
+                    self._log.warning("vllm_outage_started", endpoints=len(self._endpoints))
+            elif new == "half_open":
+                self._log.warning("vllm_breaker_half_open", endpoint=label)
+            else:
+                self._log.warning("vllm_breaker_closed", endpoint=label, previous=old)
+                if self._outage_since is not None:
+                    lasted = self._clock() - self._outage_since
+                    self._outage_since = None
+                    self._log.warning("vllm_outage_over", duration_s=lasted, waiting=self._waiting)
+
+        return on_change
 
     # --- request building -------------------------------------------------------------------
 
@@ -454,6 +690,7 @@ class VllmPool:
             async with ep.semaphore:
                 completion = await self._send(ep, payload, n=n)
             verdict = "success"
+            self._successes += 1
             return completion
         except _RetryableError:
             verdict = "failure"
@@ -462,6 +699,8 @@ class VllmPool:
             ep.outstanding_tokens -= cost
             ep.in_flight -= 1
             ep.breaker.finish(verdict, trial=trial)
+            if self._waiting and ep.breaker.available():  # closed, or its trial slot is free
+                self._wake_all()
 
     async def _send(self, ep: _Endpoint, payload: bytes, *, n: int) -> Completion:
         started = self._clock()
@@ -517,15 +756,19 @@ class VllmPool:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _endpoint(index: int, url: str, concurrency: int, breaker: CircuitBreaker) -> _Endpoint:
+def _endpoint(
+    index: int, url: str, concurrency: int, breaker: Callable[[str], CircuitBreaker]
+) -> _Endpoint:
     base_url = url.rstrip("/")
+    label = _redact(base_url)
     return _Endpoint(
         index=index,
         base_url=base_url,
         completions_url=base_url + "/v1/completions",
-        label=_redact(base_url),
+        health_url=base_url + "/health",
+        label=label,
         semaphore=asyncio.Semaphore(concurrency),
-        breaker=breaker,
+        breaker=breaker(label),
     )
 
 
@@ -539,6 +782,7 @@ def _check_pool_arguments(
     max_attempts: int,
     retry_backoff_s: float,
     affinity_entries: int,
+    outage_wait_s: float,
 ) -> None:
     if isinstance(endpoints, str) or not endpoints:
         raise ValueError("endpoints: need at least one base URL (a sequence of strings)")
@@ -555,6 +799,7 @@ def _check_pool_arguments(
         "max_attempts": (max_attempts, 1, True),
         "retry_backoff_s": (retry_backoff_s, 0, True),
         "affinity_entries": (affinity_entries, 0, True),
+        "outage_wait_s": (outage_wait_s, 0, True),
     }
     for name, (value, bound, inclusive) in minimums.items():
         if value < bound or (value == bound and not inclusive):

@@ -48,10 +48,13 @@ class FakeClock:
 
 
 class Pods:
-    """Two pods (`a`, `b`) that record every request and answer through `respond`."""
+    """Two pods (`a`, `b`) that record every completion request and answer through `respond`;
+    `GET /health` answers `health_status` (vLLM's is 200 with an empty body) and is counted."""
 
     def __init__(self) -> None:
         self.respond: Responder = ok
+        self.health_status = 200
+        self.health_checks: list[str] = []  # the pod asked, per GET /health
         self.requests: list[Sent] = []
         self._runners: list[web.AppRunner] = []
         self.a = self.b = ""
@@ -68,8 +71,13 @@ class Pods:
             self.requests.append(sent)
             return await self.respond(sent)
 
+        async def health(request: web.Request) -> web.StreamResponse:
+            self.health_checks.append(url)
+            return web.Response(status=self.health_status)
+
         app = web.Application()
         app.router.add_post("/v1/completions", handle)
+        app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -336,7 +344,11 @@ async def test_all_endpoints_down_raises_backend_error_after_all_attempts(
 ) -> None:
     pods.respond = by_pod(pods, a=status(503, "draining"), b=hang_up)
     sleeps = Sleeps()
-    pool = make_pool(pods, registry, max_attempts=3, sleep=sleeps, retry_backoff_s=0.5)
+    # outage_wait_s=0: with no endpoint answering, the pool would now wait the outage out
+    # (test_pool_outage.py); fail-fast keeps this test about the attempts and their reasons.
+    pool = make_pool(
+        pods, registry, max_attempts=3, sleep=sleeps, retry_backoff_s=0.5, outage_wait_s=0
+    )
     with pytest.raises(BackendError, match="after 3 attempt") as info:
         await pool.complete("hi", n=1, max_tokens=4)
     assert not isinstance(info.value, BackendRequestError)
@@ -382,7 +394,11 @@ async def test_breaker_opens_half_opens_and_closes_on_the_clock(
     clock = FakeClock()
     pods.respond = flaky
     breaker = BreakerSettings(failure_threshold=2, cooldown_s=10.0)
-    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
+    # outage_wait_s=0: this test walks the breaker through its states on the clock, so each
+    # call must end rather than wait out the outage (test_pool_outage.py covers the waiting).
+    pool = make_pool(
+        pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1, outage_wait_s=0
+    )
     a = pods.a
     state = lambda: metric(registry, "clear_backend_breaker_state", endpoint=a)  # noqa: E731
 
@@ -420,7 +436,11 @@ async def test_half_open_breaker_lets_one_trial_through(
     clock = FakeClock()
     pods.respond = status(500)
     breaker = BreakerSettings(failure_threshold=1, cooldown_s=5.0)
-    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
+    # outage_wait_s=0: the failing call, and "y" behind the trial, must end at once (fail
+    # fast); test_pool_outage.py has "y" wait for the trial's verdict instead.
+    pool = make_pool(
+        pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1, outage_wait_s=0
+    )
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
     assert pool.breaker_states()[pods.a] == "open"
@@ -447,7 +467,10 @@ async def test_a_trial_without_verdict_frees_the_half_open_slot(
     clock = FakeClock()
     pods.respond = status(500)
     breaker = BreakerSettings(failure_threshold=1, cooldown_s=5.0)
-    pool = make_pool(pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1)
+    # outage_wait_s=0: the failing call must end with the breaker open, not wait for it.
+    pool = make_pool(
+        pods, registry, (pods.a,), breaker=breaker, clock=clock, max_attempts=1, outage_wait_s=0
+    )
     with pytest.raises(BackendError):
         await pool.complete("hi", n=1, max_tokens=4)
     clock.now += 5.0

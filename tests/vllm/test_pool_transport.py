@@ -1,7 +1,7 @@
 """The vLLM pool's policy (routing, retries, breakers, outcomes) through an in-memory transport.
 
-No sockets: a fake `Transport` records each POST and answers from a script, so each test says
-exactly which endpoint fails how.
+No sockets: a fake `Transport` records each POST (and health GET) and answers from a script, so
+each test says exactly which endpoint fails how.
 """
 
 from __future__ import annotations
@@ -42,14 +42,18 @@ class Post:
 
 
 Script = Callable[[Post], Awaitable[tuple[int, bytes]]]
+HealthScript = Callable[[str], Awaitable[tuple[int, bytes]]]  # endpoint → status, body
 
 
 class FakeTransport:
-    """Records every POST and answers through `respond`; counts `aclose()` calls."""
+    """Records every POST and GET and answers through `respond` and `health`; counts
+    `aclose()` calls."""
 
     def __init__(self) -> None:
         self.respond: Script = ok
+        self.health: HealthScript = healthy
         self.posts: list[Post] = []
+        self.gets: list[tuple[str, dict[str, str], float]] = []  # (url, headers, timeout_s)
         self.closed = 0
 
     async def post(
@@ -60,6 +64,12 @@ class FakeTransport:
         )
         self.posts.append(post)
         return await self.respond(post)
+
+    async def get(
+        self, url: str, headers: Mapping[str, str], timeout_s: float
+    ) -> tuple[int, bytes]:
+        self.gets.append((url, dict(headers), timeout_s))
+        return await self.health(url.removesuffix("/health"))
 
     async def aclose(self) -> None:
         self.closed += 1
@@ -74,6 +84,10 @@ async def ok(post: Post) -> tuple[int, bytes]:
     samples = tuple(Sample(f"t{i}", "stop", 1, (100 + i,)) for i in range(n))
     completion = Completion(samples, prompt_tokens=3, completion_tokens=n, prompt_token_ids=(1,))
     return 200, encode_completion(completion, model=post.body["model"], created=0)
+
+
+async def healthy(endpoint: str) -> tuple[int, bytes]:
+    return 200, b'{"status": "ok"}'
 
 
 def status(code: int, message: str = "boom") -> Script:
@@ -217,7 +231,9 @@ async def test_every_attempt_failing_raises_with_each_reason(
     transport: FakeTransport, registry: CollectorRegistry
 ) -> None:
     transport.respond = raising(TransportTimeout("timed out (TimeoutError)"))
-    pool = make_pool(transport, registry, max_attempts=3)
+    # outage_wait_s=0: every endpoint failing is an outage, which the pool now waits out
+    # (test_pool_outage.py); fail-fast keeps this test about the attempts and their reasons.
+    pool = make_pool(transport, registry, max_attempts=3, outage_wait_s=0)
     with pytest.raises(BackendError, match=r"after 3 attempt.*timed out") as info:
         await pool.complete("hi", n=1, max_tokens=4)
     assert not isinstance(info.value, BackendRequestError)
@@ -229,7 +245,9 @@ async def test_breaker_opens_after_the_threshold_and_stops_sending(
 ) -> None:
     transport.respond = status(500)
     breaker = BreakerSettings(failure_threshold=3, cooldown_s=10.0)
-    pool = make_pool(transport, registry, (A,), breaker=breaker, max_attempts=1)
+    # outage_wait_s=0: fail fast once the only breaker is open, so each call ends here and the
+    # sends can be counted; waiting out an outage is test_pool_outage.py's subject.
+    pool = make_pool(transport, registry, (A,), breaker=breaker, max_attempts=1, outage_wait_s=0)
     for _ in range(2):
         with pytest.raises(BackendError, match="HTTP 500: boom"):
             await pool.complete("hi", n=1, max_tokens=4)
