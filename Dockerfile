@@ -2,7 +2,7 @@
 # Build: docker build --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) -t clearbudget .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- build: install the project and its base dependencies into a virtualenv ----------------
+# --- build: install the locked dependencies, then the project, into a virtualenv ----------
 FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -14,13 +14,19 @@ WORKDIR /src
 RUN python -m venv /opt/clearbudget
 ENV PATH=/opt/clearbudget/bin:$PATH
 
-# Dependencies come as binary wheels only (PIP_ONLY_BINARY), so no compiler is needed; the
-# project itself is built from source with setuptools, which is pure Python.
+# Every dependency, and setuptools/wheel to build the project, comes from requirements.lock:
+# exact versions, each file checked against its sha256 (--require-hashes), as binary wheels only
+# (PIP_ONLY_BINARY), so no compiler is needed. Regenerate the lock as deploy/k8s/README.md says.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
+
+# The project itself, from source with the locked setuptools: --no-deps so nothing unlocked is
+# resolved, --no-build-isolation so the build backend is not fetched unpinned either.
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY solver ./solver
 COPY daemon ./daemon
-RUN pip install --no-binary=clearbudget . \
+RUN pip install --no-deps --no-build-isolation --no-binary=clearbudget . \
     && python -m compileall -q /opt/clearbudget
 
 # --- runtime: the virtualenv on a clean slim base, run as an unprivileged user -------------

