@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from array import array
 from collections import OrderedDict
@@ -734,10 +735,11 @@ class VllmPool:
     def _interpret(self, ep: _Endpoint, status: int, payload: bytes, *, n: int) -> Completion:
         if status == 429 or status >= 500:
             outcome = "http_429" if status == 429 else "http_5xx"
-            raise _RetryableError(outcome, f"HTTP {status}: {error_message(payload)}")
+            raise _RetryableError(outcome, f"HTTP {status}: {self._short_error(ep, payload)}")
         if status >= 400:
             raise BackendRequestError(
-                f"{ep.label} rejected the request (HTTP {status}): {error_message(payload)}",
+                f"{ep.label} rejected the request (HTTP {status}): "
+                f"{self._short_error(ep, payload)}",
                 status_code=status,
             )
         if status != 200:  # redirects included: not followed, so not an answer
@@ -747,10 +749,37 @@ class VllmPool:
         except WireFormatError as exc:
             raise _RetryableError("bad_response", f"malformed completion: {exc}") from exc
 
+    def _short_error(self, ep: _Endpoint, payload: bytes) -> str:
+        """What of an error body may travel with the error (into results others read): a short
+        message with credentials and prompts cut out. The longer form goes to the DEBUG log."""
+        self._log.debug("vllm_error_body", endpoint=ep.label, body=redact(error_message(payload)))
+        return redact(error_message(payload, limit=SHORT_ERROR_CHARS))
+
     def _count(self, ep: _Endpoint, outcome: str) -> None:
         self._metrics.requests.labels(ep.label, outcome).inc()
         if outcome != "ok":
             self._metrics.errors.labels(ep.label).inc()
+
+
+# An echoing gateway may answer with the request (prompt, auth header) in its error body.
+SHORT_ERROR_CHARS = 120
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r'("prompt"\s*:\s*)("(?:[^"\\]|\\.)*"?|\[[^\]]*\]?)'), r'\1"<prompt>"'),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    (re.compile(r"sk-[A-Za-z0-9_-]{4,}"), "sk-***"),
+    (
+        re.compile(r"(?i)\b(api[_-]?key|authorization|password|secret|token)"
+                   r"([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+        r"\1\2***",
+    ),
+)  # fmt: skip
+
+
+def redact(text: str) -> str:
+    """`text` without credentials and without the value of any "prompt" field."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 # --- helpers ----------------------------------------------------------------------------------

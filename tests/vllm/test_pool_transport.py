@@ -297,3 +297,24 @@ async def test_a_closed_pool_refuses_without_sending(
         await pool.complete("hi", n=1, max_tokens=4)
     assert transport.posts == []
     assert (transport.closed, pool.ready()) == (1, False)
+
+
+@pytest.mark.parametrize("code", [400, 500])
+async def test_an_echoing_backend_leaks_neither_credentials_nor_the_prompt(code: int) -> None:
+    prompt = "the user's private question about their medical history"
+
+    async def echo(post: Post) -> tuple[int, bytes]:
+        echoed = orjson.dumps(post.body).decode()
+        return code, f"upstream error; request was {echoed} with Bearer sk-live-123456".encode()
+
+    transport = FakeTransport()
+    transport.respond = echo
+    pool = make_pool(transport, CollectorRegistry(), endpoints=(A,), outage_wait_s=0,
+                     api_key="sk-live-123456")  # fmt: skip
+    with pytest.raises(BackendError) as caught:
+        await pool.complete(prompt, n=1, max_tokens=8)
+    message = str(caught.value)
+    assert f"HTTP {code}" in message
+    assert "sk-live" not in message
+    assert "medical history" not in message
+    assert len(message) < 600
