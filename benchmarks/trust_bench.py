@@ -126,6 +126,8 @@ async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_
         "CLEAR_HTTP_HOST": "127.0.0.1",
         "CLEAR_LOG_LEVEL": "WARNING",
     }
+    if args.min_tokens_per_query is not None:
+        env["CLEAR_MIN_TOKENS_PER_QUERY"] = str(args.min_tokens_per_query)
     count = {"burst": args.burst, "steady": int(args.steady_rate * args.steady_seconds)}.get(
         name, args.backlog
     )
@@ -134,15 +136,19 @@ async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_
         await produce(bootstrap, topics[0], values, rate=0)
     daemon = start_daemon(env, port)
     try:
+        started = time.perf_counter()  # a queued backlog is served from the start
         await asyncio.sleep(args.idle_seconds)  # partitions assigned; the carry fills up
-        started = time.perf_counter()
+        if name != "backlog":
+            started = time.perf_counter()
         if name == "burst":
             await produce(bootstrap, topics[0], values, rate=0)
         elif name == "steady":
             asyncio.get_running_loop().create_task(
                 produce(bootstrap, topics[0], values, rate=args.steady_rate)
             )
-        limit = started + (args.backlog_seconds if name == "backlog" else args.timeout)
+        limit = time.perf_counter() + (
+            args.backlog_seconds - args.idle_seconds if name == "backlog" else args.timeout
+        )
         results = await collect(bootstrap, topics[1], count, limit)
         rss = peak_rss_mib(daemon.pid)
     finally:
@@ -220,6 +226,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--backlog-seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--min-tokens-per-query", type=int, default=None,
+        help="CLEAR_MIN_TOKENS_PER_QUERY for the daemon (default: the daemon's own default)",
+    )  # fmt: skip
     return parser.parse_args()
 
 

@@ -29,6 +29,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from schemas.messages import DEFAULT_MAX_PROMPT_BYTES
 
 ENV_PREFIX = "CLEAR_"
+# The default backlog floor in probes per query (benchmarks/RESULTS.md, "Trust").
+PACING_PROBES = 4
 DEFAULT_ENV_FILE = Path(".env")
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -129,7 +131,8 @@ class Settings(BaseSettings):
     probe_tokens: int = Field(default=256, gt=0)
     max_tokens_per_query: int = Field(default=8192, gt=0)
     # Backlog pacing: a window never holds more queries than its budget pays this many tokens
-    # each; the rest wait in Kafka. Unset: one probe's worth; 0: no pacing (windows close on
+    # each; the rest wait in Kafka. Unset: four probes' worth (a probe and room to continue it;
+    # at one probe's worth a backlog is spent on probes alone); 0: no pacing (windows close on
     # count whatever their budget).
     min_tokens_per_query: int | None = Field(default=None, ge=0)
     max_prompt_bytes: int = Field(default=DEFAULT_MAX_PROMPT_BYTES, gt=0)
@@ -280,7 +283,7 @@ class Settings(BaseSettings):
         """The per-query floor windows are paced to (see `min_tokens_per_query`)."""
         if self.min_tokens_per_query is not None:
             return self.min_tokens_per_query
-        return self.probe_samples * self.probe_tokens
+        return PACING_PROBES * self.probe_samples * self.probe_tokens
 
     @property
     def carry_over_cap_tokens(self) -> float:

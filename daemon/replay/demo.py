@@ -42,6 +42,8 @@ def daemon_settings(base: Settings, config: ReplayConfig, queries: Sequence[Repl
             "max_tokens_per_query": 1 << 16,
             "http_port": free_loopback_port(),
             "http_host": "127.0.0.1",
+            # A replay measures the allocator at the budget it is given: no backlog pacing.
+            "min_tokens_per_query": 0,
         }
     )
 
