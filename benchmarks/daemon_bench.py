@@ -31,25 +31,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rig import broker_and_simulator, create_topics, peak_rss_mib
 
-from daemon.replay.embedded import free_loopback_port, start_embedded_broker, wait_for_port
+from daemon.replay.embedded import free_loopback_port, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
-ROLLOUTS = ROOT.parent / "shared" / "data" / "rollouts.jsonl"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def sustained_rate(arrivals: list[float]) -> float:
@@ -100,10 +91,7 @@ async def run_mode(
 ) -> dict:
     run_id = f"{mode}-{int(time.time() * 1000)}"
     topics = [f"bench.{run_id}.{t}" for t in ("queries", "results", "dlq")]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(t, args.partitions, 1) for t in topics])
-    await admin.close()
+    await create_topics(bootstrap, topics, args.partitions)
     http_port = free_loopback_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CLEAR_")},
@@ -193,27 +181,13 @@ async def run_mode(
 
 
 async def main(args: argparse.Namespace) -> list[dict]:
-    broker = start_embedded_broker()
-    sim_port = free_loopback_port()
-    simulator = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
-         "--port", str(sim_port), "--decode-rate", str(args.pod_decode_rate),
-         "--max-num-seqs", str(args.pod_max_num_seqs)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port("127.0.0.1", sim_port, 60, simulator)
-        sim_url = f"http://127.0.0.1:{sim_port}"
-        peers = {"simulator": simulator.pid, "broker": broker.process.pid}
+    pod = ["--decode-rate", str(args.pod_decode_rate), "--max-num-seqs", str(args.pod_max_num_seqs)]
+    async with broker_and_simulator(pod) as rig:
         return [
-            await run_mode(mode, rate, args, broker.bootstrap, sim_url, peers)
+            await run_mode(mode, rate, args, rig.bootstrap, rig.simulator_url, rig.pids)
             for rate in args.rates
             for mode in args.modes
         ]
-    finally:
-        simulator.terminate()
-        simulator.wait(30)
-        broker.stop()
 
 
 def parse() -> argparse.Namespace:

@@ -14,7 +14,13 @@ Every lap visits every record once, so both are the exact pool means for the str
 "abandoned" is the report's count: queries left without an answer (insolvent, or their chain
 cut at its allocation).
 
+Prompts carry the records' problem texts; `--hint-field FIELD` replays that record field as
+`difficulty_hint`; `--benchmark NAME` keeps only that benchmark's records. A pool whose records
+hold one chain replays one lap (a second would replay identical chains).
+
     python benchmarks/quality_bench.py --seeds 5
+    python benchmarks/quality_bench.py --rollouts ../shared/data/rollouts-math500-gsm8k.jsonl \
+        --benchmark math500 --hint-field level --budgets 150 250 400
 """
 
 from __future__ import annotations
@@ -29,23 +35,39 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from daemon.replay.config import ReplayConfig, ReplayQuery, draw_queries
+from daemon.replay.config import (
+    RecordExtras,
+    ReplayConfig,
+    ReplayQuery,
+    draw_queries,
+    one_lap_error,
+    read_extras,
+)
 from daemon.replay.inprocess import replay
 from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import RolloutPool, load_rollouts, oracle_allocation, uniform_at_cost
+from daemon.replay.rollouts import (
+    RolloutPool,
+    RolloutRecord,
+    load_rollouts,
+    oracle_allocation,
+    uniform_at_cost,
+)
 from daemon.replay.traces import Arrival
-from solver.fit import ProbeOutcome, ProbePlan, fit_window
-from solver.priors import PriorBook
+from solver.difficulty import DifficultyModel, QueryInfo
+from solver.fit import ProbeOutcome, ProbePlan
+from solver.query_fit import allocate_curves, fit_queries
 
 DEFAULT_POOL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rollouts.jsonl"
 DEFAULT_BUDGETS = (250, 375, 500, 750, 1000, 1500, 2000)
 ARRIVAL_GAP_S = 1.0  # evenly spaced arrivals; windows close by count, never by time
 
 
-def laps(pool: RolloutPool, passes: int, seed: int) -> list[ReplayQuery]:
+def laps(
+    pool: RolloutPool, passes: int, seed: int, extras: RecordExtras | None = None
+) -> list[ReplayQuery]:
     """`passes` shuffled laps over the pool: `draw_queries` reshuffles the records per lap."""
     arrivals = [Arrival(i * ARRIVAL_GAP_S, i + 1, {}) for i in range(passes * len(pool))]
-    return draw_queries(arrivals, pool, seed)
+    return draw_queries(arrivals, pool, seed, extras)
 
 
 def run_clear(
@@ -56,8 +78,9 @@ def run_clear(
     seed: int,
     passes: int,
     window: int,
+    extras: RecordExtras | None = None,
 ) -> ReplayReport:
-    queries = laps(pool, passes, seed)
+    queries = laps(pool, passes, seed, extras)
     config = ReplayConfig(
         policy="clear",
         budget_per_query=budget_per_query,
@@ -66,6 +89,7 @@ def run_clear(
         window_seconds=ARRIVAL_GAP_S * (len(queries) + 1),
         window_max_queries=window,
         probe=plan,
+        hint_field=extras.hint_field if extras else None,
     )
     return asyncio.run(replay(queries, pool, config))
 
@@ -77,10 +101,14 @@ def evaluate(
     seeds: Sequence[int],
     passes: int,
     window: int,
+    extras: RecordExtras | None = None,
 ) -> list[dict[str, float]]:
     rows = []
     for bpq in budgets:
-        runs = [run_clear(pool, bpq, plan, seed=s, passes=passes, window=window) for s in seeds]
+        runs = [
+            run_clear(pool, bpq, plan, seed=s, passes=passes, window=window, extras=extras)
+            for s in seeds
+        ]
         rows.append(_row(pool, bpq, runs))
     return rows
 
@@ -126,49 +154,75 @@ def format_table(rows: Sequence[dict[str, float]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rollouts", type=Path, default=DEFAULT_POOL)
+    ap.add_argument("--benchmark", help="keep only this benchmark's records (e.g. math500)")
+    ap.add_argument("--hint-field", help="record field replayed as difficulty_hint (e.g. level)")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
     ap.add_argument("--probe-samples", type=int, default=1)
     ap.add_argument("--probe-tokens", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--passes", type=int, help="laps over the pool (default 3; 1 for one-chain "
+                                               "pools, which allow no more)")  # fmt: skip
     ap.add_argument("--window", type=int, default=64)
     args = ap.parse_args(argv)
     # The pipeline logs each window at INFO; the table is the output here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    pool = load_rollouts(args.rollouts.resolve())
+    pool, extras = load_pool(args.rollouts.resolve(), args.benchmark, args.hint_field)
+    passes = args.passes or (1 if pool.tokens.shape[1] == 1 else 3)
+    lap_error = one_lap_error(pool, passes * len(pool))
+    if lap_error is not None:
+        ap.error(lap_error.replace("--limit", "--passes 1, not more:").split(";")[0])
     plan = ProbePlan(args.probe_samples, args.probe_tokens)
+    print(f"pool {pool.source}: {len(pool)} records x {pool.tokens.shape[1]} chains, {passes} "
+          f"lap(s), hints: {args.hint_field or 'off'}\n")  # fmt: skip
     t0 = time.perf_counter()
-    rows = evaluate(pool, args.budgets, plan, range(args.seeds), args.passes, args.window)
+    rows = evaluate(pool, args.budgets, plan, range(args.seeds), passes, args.window, extras)
     print(format_table(rows))
     solve_ms = np.mean([r["solve_ms"] for r in rows])
     seconds = np.mean([r["seconds"] for r in rows])
-    print(f"\nsolve (probe selection + fit + allocation): {solve_ms:.2f} ms p50 per window of "
+    print(f"\nsolve (curves + price + fits + allocation): {solve_ms:.2f} ms p50 per window of "
           f"{args.window}; {seconds:.2f} s per replay (mean)")  # fmt: skip
-    print(f"fit_window, 1,000 queries x 4 probes: {time_fit(pool, 1000, 4):.1f} ms (median of 5)")
+    print(f"fit + solve, 1,000 queries x 1 probe: {time_fit(pool, 1000, 1):.1f} ms (median of 5)")
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 
+def load_pool(
+    path: Path, benchmark: str | None, hint_field: str | None
+) -> tuple[RolloutPool, RecordExtras]:
+    """The pool (only `benchmark`'s records if given) and its problem texts and hints."""
+    pool = load_rollouts(path)
+    if benchmark is not None:
+        kept = [r for r in pool if r.benchmark == benchmark]
+        if not kept:
+            raise SystemExit(f"--benchmark {benchmark}: no such records in {path}")
+        pool = RolloutPool(kept, source=f"{path} [{benchmark}]")
+    return pool, read_extras(path, pool, hint_field)
+
+
 def time_fit(pool: RolloutPool, queries: int, samples: int) -> float:
-    """Median wall time of one fit_window over `queries` queries, priors warmed on the pool."""
+    """Median wall time of one decision over a `queries`-query window (curves conditioned on
+    the probe, price, fits, allocation), the model warmed on the pool's chains."""
     rng = np.random.default_rng(0)
     plan = ProbePlan(samples, 256)
-    book = PriorBook()
+    model = DifficultyModel()
     for r in pool:
         for s in r.samples:
-            book.observe(_tags(r.benchmark, r.model), s.tokens, finished=True, answered=True)
+            model.observe(_info(r), s.tokens, finished=True, answered=True, answer=s.answer)
     records = rng.integers(0, len(pool), size=queries)
-    tags = [_tags(pool[int(i)].benchmark, pool[int(i)].model) for i in records]
+    infos = [_info(pool[int(i)]) for i in records]
     outcomes = [_probe_outcomes(pool, int(i), plan, rng) for i in records]
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        fit_window(outcomes, tags, None, plan, book)
+        window = fit_queries(outcomes, infos, plan, model)
+        ids = [f"q{i}" for i in range(queries)]
+        envelope = (window.fit.a, window.fit.tau, window.fit.beta)
+        allocate_curves(ids, window.budgets, window.utility, 500.0 * queries, envelope=envelope)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
 
-def _tags(benchmark: str, model: str) -> dict[str, str]:
-    return {"task": benchmark, "model": model}
+def _info(record: RolloutRecord) -> QueryInfo:
+    return QueryInfo(f"problem: {record.key}\n", {"task": record.benchmark, "model": record.model})
 
 
 def _probe_outcomes(

@@ -24,26 +24,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rig import ROLLOUTS, broker_and_simulator, create_topics, peak_rss_mib
 
-from daemon.replay.embedded import free_loopback_port, start_embedded_broker, wait_for_port
+from daemon.replay.embedded import free_loopback_port, wait_for_port
 from daemon.replay.rollouts import load_rollouts
 from daemon.replay.simulator import prompt_for
 from schemas.messages import QueryResult
-
-ROOT = Path(__file__).resolve().parent.parent
-ROLLOUTS = ROOT.parent / "shared" / "data" / "rollouts.jsonl"
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def query_values(run_id: str, count: int, seed: int) -> list[bytes]:
@@ -53,13 +42,6 @@ def query_values(run_id: str, count: int, seed: int) -> list[bytes]:
         json.dumps({"id": f"{run_id}-{i}", "prompt": prompt_for(pool.records[int(r)])}).encode()
         for i, r in enumerate(picks)
     ]
-
-
-async def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
-    await admin.close()
 
 
 def start_daemon(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
@@ -195,21 +177,10 @@ def summarise(
 
 
 async def main(args: argparse.Namespace) -> list[dict]:
-    broker = start_embedded_broker()
-    sim_port = free_loopback_port()
-    simulator = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
-         "--port", str(sim_port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port("127.0.0.1", sim_port, 60, simulator)
-        url = f"http://127.0.0.1:{sim_port}"
-        return [await run_scenario(s, args, broker.bootstrap, url) for s in args.scenarios]
-    finally:
-        simulator.terminate()
-        simulator.wait(30)
-        broker.stop()
+    async with broker_and_simulator() as rig:
+        return [
+            await run_scenario(s, args, rig.bootstrap, rig.simulator_url) for s in args.scenarios
+        ]
 
 
 def parse() -> argparse.Namespace:
