@@ -7,6 +7,7 @@ are compared after `normalize_answer`, so "3", "3.0", "$3$" and "\\boxed{3}" all
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _WRAPPERS = re.compile(r"^(?:\$+|\\\(|\\\[)|(?:\$+|\\\)|\\\])$")
 _TEXT_WRAP = re.compile(r"^\\(?:text|mathrm|textbf)\{(.*)\}$")
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -61,8 +63,10 @@ def _balanced_content(text: str, start: int) -> str | None:
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number in the text (integers, decimals, thousands commas, simple fractions)."""
-    numbers = _NUMBER.findall(text)
+    """The last number in the text (integers, decimals, thousands commas, simple fractions),
+    outside `<<...>>` annotations: those are tool or calculator spans (GSM8K's `<<48/2=24>>`,
+    the rollout simulator's chain markers), not the model's final answer."""
+    numbers = _NUMBER.findall(_ANNOTATION.sub(" ", text))
     return numbers[-1] if numbers else None
 
 
@@ -74,8 +78,10 @@ def extract_answer(text: str) -> str | None:
     return extract_last_number(text)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_answer(answer: str) -> str:
-    """A canonical form for comparison: strip wrappers and spaces; numbers in shortest form."""
+    """A canonical form for comparison: strip wrappers and spaces; numbers in shortest form.
+    Cached: a stream repeats the same few answers, and every window normalises them again."""
     text = answer.strip().rstrip(".").strip()
     text = _WRAPPERS.sub("", text).strip()
     inner = _TEXT_WRAP.match(text)

@@ -148,14 +148,14 @@ def fit_window(
     """Fit every query of a window (see the module docstring); vectorised over queries."""
     s = settings or FitSettings()
     n = len(outcomes)
-    _check_window(outcomes, tags, hints, plan)
-    finished, lengths = _outcome_matrix(outcomes, plan)
+    check_outcomes(outcomes, tags, hints, plan)
+    finished, lengths = outcome_matrix(outcomes, plan)
     a, tau, beta = priors.priors(tags, survived=plan.tokens if plan.enabled else 0)
     if plan.enabled:
         _, tau0, beta0 = priors.priors(tags, survived=0)
         beta = beta * _rate_multiplier(finished, lengths, tau0, beta0, plan, s.query_strength)
     beta = beta * _hint_factor(hints, n, s.hint_slope)
-    answer_now, fallback, agreement = _answers(outcomes, s.agree_votes)
+    answer_now, fallback, agreement = probe_answers(outcomes, s.agree_votes)
     a = a * agreement
     censored = ~finished & (lengths >= 0)
     has_chain = censored.any(axis=1) if plan.enabled else np.ones(n, dtype=bool)
@@ -180,7 +180,7 @@ def fit_window(
     )
 
 
-def _check_window(
+def check_outcomes(
     outcomes: Sequence[Sequence[ProbeOutcome]],
     tags: Sequence[Mapping[str, str]],
     hints: Sequence[float | None] | None,
@@ -207,7 +207,7 @@ def _check_window(
                 )
 
 
-def _outcome_matrix(
+def outcome_matrix(
     outcomes: Sequence[Sequence[ProbeOutcome]], plan: ProbePlan
 ) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
     """(finished, tokens) as (n, k) arrays."""
@@ -243,7 +243,7 @@ def _hint_factor(hints: Sequence[float | None] | None, n: int, slope: float) -> 
     return np.exp(-slope * (h - 0.5))
 
 
-def _answers(
+def probe_answers(
     outcomes: Sequence[Sequence[ProbeOutcome]], agree_votes: int
 ) -> tuple[tuple[str | None, ...], tuple[str | None, ...], FloatArray]:
     """Per query: answer_now (unanimous with enough votes), majority answer, A factor."""

@@ -17,7 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from daemon.cli.errors import fail
-from daemon.replay.config import ReplayConfig, ReplayQuery, draw_queries
+from daemon.replay.config import (
+    ReplayConfig,
+    ReplayQuery,
+    draw_queries,
+    one_lap_error,
+    read_extras,
+)
 from daemon.replay.files import InputFileError
 from daemon.replay.inprocess import replay
 from daemon.replay.report import ReplayReport
@@ -38,6 +44,11 @@ WindowSecondsOpt = Annotated[float, typer.Option(help="Window length (trace seco
 WindowMaxOpt = Annotated[int, typer.Option(help="Close a window at this many queries.")]
 ProbeTokensOpt = Annotated[int, typer.Option(help="Tokens per probe sample (clear only).")]
 ProbeSamplesOpt = Annotated[int, typer.Option(help="Probe samples per query; 0 disables.")]
+HintFieldOpt = Annotated[
+    str | None,
+    typer.Option(help="Rollout record field replayed as difficulty_hint, e.g. level (default: "
+                      "no hint)."),
+]  # fmt: skip
 
 err_console = Console(stderr=True)
 
@@ -46,15 +57,21 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-def load_inputs(trace: Path, rollouts: Path, limit: int | None, seed: int) -> tuple[
-    RolloutPool, list[ReplayQuery]
-]:  # fmt: skip
-    """The pool and one query per arrival of the trace's first `limit` arrivals."""
+def load_inputs(
+    trace: Path, rollouts: Path, limit: int | None, seed: int, hint_field: str | None = None
+) -> tuple[RolloutPool, list[ReplayQuery]]:
+    """The pool and one query per arrival of the trace's first `limit` arrivals (prompts carry
+    the records' problem texts; `hint_field`, if given, becomes their difficulty_hint)."""
     if limit is not None and limit < 1:
         fail(f"--limit must be >= 1, got {limit}")
     try:
         pool = load_rollouts(rollouts)
-        queries = draw_queries(read_trace(trace, limit=limit), pool, seed)
+        extras = read_extras(rollouts, pool, hint_field)
+        arrivals = list(read_trace(trace, limit=limit))
+        lap_error = one_lap_error(pool, len(arrivals))
+        if lap_error is not None:
+            fail(f"--rollouts {lap_error}")
+        queries = draw_queries(arrivals, pool, seed, extras)
     except InputFileError as exc:
         fail(str(exc))
     if not queries:
@@ -64,7 +81,7 @@ def load_inputs(trace: Path, rollouts: Path, limit: int | None, seed: int) -> tu
 
 def make_config(policy: str, budget_per_query: float | None, tokens_per_second: float | None,
                 seed: int, window_seconds: float, window_max_queries: int, probe_samples: int,
-                probe_tokens: int) -> ReplayConfig:  # fmt: skip
+                probe_tokens: int, hint_field: str | None = None) -> ReplayConfig:  # fmt: skip
     """The replay config; a bad value fails naming the command-line option."""
     try:
         return ReplayConfig(
@@ -75,6 +92,7 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
             window_seconds=window_seconds,
             window_max_queries=window_max_queries,
             probe=ProbePlan(samples=probe_samples, tokens=probe_tokens),
+            hint_field=hint_field,
         )
     except ValueError as exc:
         message = str(exc).replace("budget_per_query", "--budget-per-query")
@@ -105,9 +123,17 @@ def run_replay(
         return asyncio.run(replay(queries, pool, config, on_window=advance))
 
 
-def report_row(budget_per_query: float | None, report: ReplayReport) -> dict[str, Any]:
-    """A sweep or demo row: the budget asked for, then the report's keys."""
-    return {"budget_per_query": budget_per_query, **report.to_dict()}
+def report_row(
+    budget_per_query: float | None, report: ReplayReport, hint_field: str | None = None
+) -> dict[str, Any]:
+    """A sweep or demo row: the budget asked for, then the report's keys (with `hint_field`)."""
+    return {"budget_per_query": budget_per_query, **report_dict(report, hint_field)}
+
+
+def report_dict(report: ReplayReport, hint_field: str | None) -> dict[str, Any]:
+    """The report's keys, then `hint_field`: the record field replayed as difficulty_hint
+    (null when the replay ran without hints)."""
+    return {**report.to_dict(), "hint_field": hint_field}
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:

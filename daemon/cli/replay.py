@@ -14,6 +14,7 @@ from daemon.cli.errors import fail
 from daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    HintFieldOpt,
     LimitOpt,
     ProbeSamplesOpt,
     ProbeTokensOpt,
@@ -26,6 +27,7 @@ from daemon.cli.inputs import (
     load_inputs,
     make_config,
     quiet_logs,
+    report_dict,
     run_replay,
 )
 from daemon.replay.config import ReplayConfig, ReplayQuery
@@ -55,24 +57,26 @@ def replay_command(
     window_max_queries: WindowMaxOpt = 256,
     probe_samples: ProbeSamplesOpt = 1,
     probe_tokens: ProbeTokensOpt = 256,
+    hint_field: HintFieldOpt = None,
 ) -> None:
     """Replay recorded arrivals, each a query drawn from the rollout pool, under one policy.
 
     By default the real window pipeline runs in-process on a virtual clock with the
     recorded-rollout simulator as backend (an hour of trace in seconds). Every generated token
-    counts, probes included. Prints the report as JSON (keys as in DESIGN.md).
+    counts, probes included. Prints the report as JSON (keys as in DESIGN.md, then
+    `hint_field`). A pool holding one chain per record replays at most one lap.
     """
     config = make_config(policy, budget_per_query, tokens_per_second, seed, window_seconds,
-                         window_max_queries, probe_samples, probe_tokens)  # fmt: skip
+                         window_max_queries, probe_samples, probe_tokens, hint_field)  # fmt: skip
     if kafka:
         check_speedup(speedup)
-    pool, queries = load_inputs(trace, rollouts, limit, seed)
+    pool, queries = load_inputs(trace, rollouts, limit, seed, hint_field)
     quiet_logs()
     if kafka:
         report = replay_on_kafka_from_env(queries, pool, config, speedup=speedup)
     else:
         report = run_replay(queries, pool, config)
-    text = json.dumps(report.to_dict(), indent=2)
+    text = json.dumps(report_dict(report, hint_field), indent=2)
     if json_out:
         json_out.write_text(text + "\n")
     typer.echo(text)

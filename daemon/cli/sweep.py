@@ -12,6 +12,7 @@ from daemon.cli.errors import fail
 from daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    HintFieldOpt,
     LimitOpt,
     ProbeSamplesOpt,
     ProbeTokensOpt,
@@ -44,6 +45,7 @@ def sweep_command(
     window_max_queries: WindowMaxOpt = 256,
     probe_samples: ProbeSamplesOpt = 1,
     probe_tokens: ProbeTokensOpt = 256,
+    hint_field: HintFieldOpt = None,
 ) -> None:
     """Replay every policy over a grid of budgets; write pareto.json and a pareto.png plot of
     accuracy against tokens per query (the oracle is the ceiling)."""
@@ -51,14 +53,14 @@ def sweep_command(
 
     grid = parse_grid(budgets)
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    pool, queries = load_inputs(trace, rollouts, limit, seed)
+    pool, queries = load_inputs(trace, rollouts, limit, seed, hint_field)
     quiet_logs()
     rows = []
     for name in names:
         for budget in grid:
             config = make_config(name, budget, None, seed, window_seconds, window_max_queries,
-                                 probe_samples, probe_tokens)  # fmt: skip
-            rows.append(report_row(budget, run_replay(queries, pool, config)))
+                                 probe_samples, probe_tokens, hint_field)  # fmt: skip
+            rows.append(report_row(budget, run_replay(queries, pool, config), hint_field))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_pareto(rows, out / "pareto.png", title=f"{len(queries)} queries from {trace.name}")

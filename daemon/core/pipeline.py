@@ -267,7 +267,9 @@ class WindowPipeline:
             raise _DeadlinePassed from exc
 
     def _observe(self, query: _Query, tokens: int, *, finished: bool, answer: str | None) -> None:
-        self._policy.observe(query.request, tokens, finished=finished, answered=answer is not None)
+        self._policy.observe(
+            query.request, tokens, finished=finished, answered=answer is not None, answer=answer
+        )
 
     def _observe_probe_only(self, query: _Query) -> None:
         """Chains that never reach dispatch still teach the priors (finished or censored)."""

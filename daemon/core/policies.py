@@ -7,6 +7,7 @@ pipeline, so every policy is charged for exactly the tokens the backend generate
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,10 +16,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from schemas.messages import QueryRequest
-from solver.allocate import solve_window
-from solver.fit import ProbeOutcome, ProbePlan, fit_window, select_probes
+from solver.difficulty import HINT_LEVEL, DifficultyModel, QueryInfo
+from solver.fit import ProbeOutcome, ProbePlan
+from solver.hazards import DEFAULT_LEVELS
 from solver.priors import PriorBook
-from solver.problem import WindowProblem
+from solver.query_fit import allocate_curves, fit_queries, select_queries
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
 
@@ -75,40 +77,58 @@ class AllocationPolicy(Protocol):
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision: ...
 
     def observe(
-        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+        self,
+        request: QueryRequest,
+        chain_tokens: int,
+        *,
+        finished: bool,
+        answered: bool,
+        answer: str | None = None,
     ) -> None:
-        """Learn from one chain's final state (reported once, after its last request)."""
+        """Learn from one chain's final state (reported once, after its last request): its
+        length, whether it finished, and the answer extracted from it (None: none)."""
 
 
 class ClearPolicy:
-    """CLEAR: fit each query's curve from its probe, price tokens, fund the solvent."""
+    """CLEAR: give each query its own curve (per-query difficulty model, learned online), probe
+    the ones worth it, condition on the probe, price tokens, fund the solvent."""
 
     name = "clear"
 
-    def __init__(self, plan: ProbePlan, priors: PriorBook) -> None:
+    def __init__(
+        self,
+        plan: ProbePlan,
+        priors: PriorBook | None = None,
+        *,
+        model: DifficultyModel | None = None,
+    ) -> None:
+        """`priors` is accepted for callers written against the per-tag book: its tag levels
+        become the model's (plus the hint level); the model learns everything else itself."""
         self._plan = plan
-        self._priors = priors
+        levels = (*priors.levels, HINT_LEVEL) if priors is not None else DEFAULT_LEVELS
+        self.model = model or DifficultyModel(levels=levels)
 
     def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
         if not self._plan.enabled:
             return ProbeSelection.everyone(self._plan, len(requests))
-        # Queries the window would abandon on their prior curves are not worth a probe.
-        selected = select_probes(
-            [r.tags for r in requests], [r.difficulty_hint for r in requests], budget,
-            self._priors, probe_cost=self._plan.max_cost,
+        # Queries the window would abandon on their own prior curves are not worth a probe.
+        selected = select_queries(
+            [query_info(r) for r in requests], budget, self.model,
+            probe_cost=self._plan.max_cost,
         )  # fmt: skip
         return ProbeSelection(self._plan, selected)
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         if not queries:
             return Decision.caps(np.zeros(0, np.int64), "none")
-        fitted = fit_window(
+        started = time.perf_counter()
+        window = fit_queries(
             [q.outcomes for q in queries],
-            [q.request.tags for q in queries],
-            [q.request.difficulty_hint for q in queries],
+            [query_info(q.request) for q in queries],
             self._plan,
-            self._priors,
+            self.model,
         )
+        fitted = window.fit
         answer_now = tuple(fitted.answer_now)
         chains = (tuple(fitted.continue_from.tolist()), tuple(fitted.fallback_answer))
         todo = np.array([a is None for a in answer_now], dtype=bool)
@@ -116,26 +136,37 @@ class ClearPolicy:
         if not todo.any():
             return Decision(tokens, answer_now, *chains, 0.0, "none")
         index = np.flatnonzero(todo)
-        problem = WindowProblem.create(
-            [queries[i].request.id for i in index],
-            fitted.a[index],
-            fitted.tau[index],
-            fitted.beta[index],
-            budget,
-            weight=[queries[i].request.weight for i in index],
+        result = allocate_curves(
+            [queries[i].request.id for i in index], window.budgets, window.utility[index],
+            budget, weight=[queries[i].request.weight for i in index],
             cap=[queries[i].cap_left for i in index],
-        )
-        result = solve_window(problem)
+            envelope=(fitted.a[index], fitted.tau[index], fitted.beta[index]),
+        )  # fmt: skip
         tokens[index] = result.token_allocations()
+        # The reported time covers the whole decision: curves, price, fits and the solve.
+        elapsed_ms = (time.perf_counter() - started) * 1e3
         return Decision(
-            tokens, answer_now, *chains, result.shadow_price, result.solver, result.solve_ms,
+            tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
             result.fallbacks,
         )  # fmt: skip
 
     def observe(
-        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+        self,
+        request: QueryRequest,
+        chain_tokens: int,
+        *,
+        finished: bool,
+        answered: bool,
+        answer: str | None = None,
     ) -> None:
-        self._priors.observe(request.tags, chain_tokens, finished=finished, answered=answered)
+        self.model.observe(
+            query_info(request), chain_tokens, finished=finished, answered=answered, answer=answer
+        )
+
+
+def query_info(request: QueryRequest) -> QueryInfo:
+    """What the difficulty model may read of a request: prompt, tags, hint (never its id)."""
+    return QueryInfo(request.prompt, request.tags, request.difficulty_hint)
 
 
 class UniformPolicy:
@@ -155,7 +186,13 @@ class UniformPolicy:
         return Decision.caps(tokens, "uniform")
 
     def observe(
-        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+        self,
+        request: QueryRequest,
+        chain_tokens: int,
+        *,
+        finished: bool,
+        answered: bool,
+        answer: str | None = None,
     ) -> None:
         pass
 
@@ -176,6 +213,12 @@ class OraclePolicy:
         return Decision.caps(tokens.astype(np.int64), "oracle")
 
     def observe(
-        self, request: QueryRequest, chain_tokens: int, *, finished: bool, answered: bool
+        self,
+        request: QueryRequest,
+        chain_tokens: int,
+        *,
+        finished: bool,
+        answered: bool,
+        answer: str | None = None,
     ) -> None:
         pass

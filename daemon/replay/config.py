@@ -9,14 +9,17 @@ demo all size their budgets with `trace_span`, `token_rate` and `tokens_per_quer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
 from daemon.core.budget import BudgetLedger
 from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
+from daemon.replay.files import InputFileError, json_lines
 from daemon.replay.rollouts import (
     RolloutPool,
     draw_counts,
@@ -27,7 +30,6 @@ from daemon.replay.simulator import prompt_for
 from daemon.replay.traces import Arrival
 from schemas.messages import QueryRequest
 from solver.fit import ProbePlan
-from solver.priors import PriorBook
 
 PolicyName = Literal["clear", "uniform", "oracle"]
 POLICIES: tuple[PolicyName, ...] = ("clear", "uniform", "oracle")
@@ -46,6 +48,7 @@ class ReplayConfig:
     window_max_queries: int = 256
     probe: ProbePlan = DEFAULT_PROBE
     carry_over_windows: float = 1.0
+    hint_field: str | None = None  # the record field replayed as difficulty_hint (None: none)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -65,8 +68,73 @@ class ReplayQuery:
     record: int  # index into the rollout pool
 
 
-def draw_queries(arrivals: Iterable[Arrival], pool: RolloutPool, seed: int) -> list[ReplayQuery]:
-    """One query per arrival, drawing pool records evenly: a seeded shuffle, reshuffled per lap."""
+@dataclass(frozen=True, slots=True)
+class RecordExtras:
+    """Per pool record, what the pool loader does not keep: the problem text (the prompt a
+    replayed query carries) and, when a hint field is named, that field as a hint in [0, 1]."""
+
+    texts: tuple[str, ...]
+    hints: tuple[float | None, ...] | None = None
+    hint_field: str | None = None
+
+
+def read_extras(path: str | Path, pool: RolloutPool, hint_field: str | None = None) -> RecordExtras:
+    """Problem texts and hints of `pool`'s records from the pool file at `path`.
+
+    A numeric hint field is rescaled to [0, 1] over the values the pool holds (the field's own
+    range, e.g. MATH levels 1–5 → 0, ¼, …, 1); records without it get no hint. InputFileError
+    when no record carries the field as a number.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    for _, obj in json_lines(Path(path), "rollouts"):
+        raw[f"{obj.get('model')}/{obj.get('problem_id')}"] = obj
+    rows = [raw.get(r.key, {}) for r in pool.records]
+    texts = tuple(str(row.get("problem") or "") for row in rows)
+    if hint_field is None:
+        return RecordExtras(texts)
+    return RecordExtras(texts, _hint_values(rows, hint_field, path), hint_field)
+
+
+def _hint_values(
+    rows: Sequence[dict[str, Any]], field: str, path: str | Path
+) -> tuple[float | None, ...]:
+    values = [_number(row.get(field)) for row in rows]
+    present = [v for v in values if v is not None]
+    if not present:
+        raise InputFileError(path, None, field, "--hint-field: no record has it as a number")
+    low, high = min(present), max(present)
+    span = high - low
+    return tuple(None if v is None else (v - low) / span if span else 0.5 for v in values)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def one_lap_error(pool: RolloutPool, arrivals: int) -> str | None:
+    """Why `arrivals` queries cannot replay `pool` (None if they can): a record holding one
+    chain would replay that identical chain on its second draw, so such a pool replays for at
+    most one lap."""
+    width = int(pool.tokens.shape[1])
+    if width > 1 or arrivals <= len(pool):
+        return None
+    return (
+        f"{pool.source} holds one chain per record: replay at most one lap ({len(pool)} "
+        f"arrivals), got {arrivals}; pass --limit {len(pool)} or less"
+    )
+
+
+def draw_queries(
+    arrivals: Iterable[Arrival],
+    pool: RolloutPool,
+    seed: int,
+    extras: RecordExtras | None = None,
+) -> list[ReplayQuery]:
+    """One query per arrival, drawing pool records evenly: a seeded shuffle, reshuffled per lap.
+    With `extras`, the prompt carries the record's problem text and, if hints were read, the
+    request its difficulty_hint."""
     rng = np.random.default_rng(seed)
     order: list[int] = []
     queries = []
@@ -75,10 +143,13 @@ def draw_queries(arrivals: Iterable[Arrival], pool: RolloutPool, seed: int) -> l
             order = rng.permutation(len(pool)).tolist()
         index = order.pop()
         record = pool.records[index]
+        text = extras.texts[index] if extras else ""
+        hint = extras.hints[index] if extras and extras.hints else None
         request = QueryRequest(
             id=f"q{i:06d}",
-            prompt=prompt_for(record),
+            prompt=prompt_for(record, text),
             tags={"task": record.benchmark, "model": record.model},
+            difficulty_hint=hint,
         )
         queries.append(ReplayQuery(arrival.arrival, request, index))
     return queries
@@ -136,7 +207,7 @@ def make_policy(
     """The allocation policy `config` names; uniform and oracle are sized to the budget."""
     per_query = tokens_per_query(config, queries)
     if config.policy == "clear":
-        return ClearPolicy(config.probe, PriorBook())
+        return ClearPolicy(config.probe)
     if config.policy == "uniform":
         # Cost-matched: the one cap whose expected cost per query equals the budget.
         if config.budget_per_query is None:

@@ -202,7 +202,7 @@ class ContinueCensored:
         return Decision(tokens, (None,) * len(queries), chains, answers, 0.1, "test")
 
     def observe(self, request: QueryRequest, chain_tokens: int, *, finished: bool,
-                answered: bool) -> None:  # fmt: skip
+                answered: bool, answer: str | None = None) -> None:  # fmt: skip
         pass
 
 

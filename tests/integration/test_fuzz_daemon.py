@@ -89,6 +89,7 @@ def rig(
         "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
         "CLEAR_TOKENS_PER_SECOND": "3000",
         "CLEAR_WINDOW_SECONDS": "0.5",
+        "CLEAR_MIN_TOKENS_PER_QUERY": "0",  # every message through fast: intake is under test
         "CLEAR_HTTP_PORT": str(http_port),
         "CLEAR_LOG_LEVEL": "WARNING",
     }

@@ -60,6 +60,7 @@ class Cluster:
             "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",
             "CLEAR_TOKENS_PER_SECOND": "40000",
             "CLEAR_WINDOW_SECONDS": "1.0",
+            "CLEAR_MIN_TOKENS_PER_QUERY": "0",  # delivery is under test, not pacing
             "CLEAR_HTTP_PORT": str(port),
             "CLEAR_LOG_LEVEL": "WARNING",
         }

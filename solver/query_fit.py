@@ -1,0 +1,153 @@
+"""One window's curves from the per-query difficulty model: which queries to probe, and the
+(A, τ, β) of every probed query's continuation.
+
+`select_queries` solves the window on from-scratch curves (nothing spent yet) and probes only
+the queries that solve would fund. `fit_queries` conditions each query's curve on its probe:
+the continued chain ran p tokens without finishing (its curve is the model's curve given
+survival to p); other probe samples of the same query join its own chains. The predicted curve
+is then turned into the shifted surge the allocator takes, so `solver.allocate` is unchanged:
+`allocate_curves` finds the price at which the curves' own demands fit the budget
+(`curve_price`), fits every curve where that price acts (`fit_at_price`) and solves. Answer
+logic (early answers, which chain to continue, the fallback answer) is that of `solver.fit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from solver.allocate import Method, solve_window
+from solver.difficulty import DifficultyModel, OwnChain, QueryInfo
+from solver.fit import (
+    FitSettings,
+    ProbeOutcome,
+    ProbePlan,
+    WindowFit,
+    check_outcomes,
+    outcome_matrix,
+    probe_answers,
+)
+from solver.problem import AllocationResult, WindowProblem
+from solver.surge_fit import curve_price, fit_at_price, fit_surge
+
+__all__ = ["CurveWindow", "allocate_curves", "fit_queries", "select_queries"]
+
+FloatArray = NDArray[np.float64]
+# Where budgets are ample the curves are fitted at this price instead of 0, so the fitted
+# tails reach as far as the curves keep rising (value per token well below any real price).
+PRICE_FLOOR = 1e-8
+
+
+@dataclass(frozen=True, slots=True)
+class CurveWindow:
+    """A probed window's fit: the answer logic and envelope fits (`fit`), and the predicted
+    curves (U at `budgets`, one row per query) the allocation refits near its price."""
+
+    fit: WindowFit
+    budgets: FloatArray
+    utility: FloatArray
+
+
+def allocate_curves(
+    ids: Sequence[str],
+    budgets: FloatArray,
+    utility: FloatArray,
+    budget: float,
+    *,
+    weight: Sequence[float] | FloatArray | None = None,
+    cap: Sequence[float] | FloatArray | None = None,
+    method: Method = "auto",
+    envelope: tuple[FloatArray, FloatArray, FloatArray] | None = None,
+) -> AllocationResult:
+    """Allocate a window of predicted curves: find the price at which the curves' own demands
+    fit the budget, fit every curve's shifted surge where that price acts, and solve
+    (`envelope`: the curves' envelope fits, when already made)."""
+    n = len(ids)
+    v = np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64)
+    caps = np.full(n, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
+    price = max(curve_price(budgets, utility, budget, v, caps), PRICE_FLOOR)
+    with np.errstate(divide="ignore"):
+        per_query = np.where(v > 0, price / v, np.inf)
+    a, tau, beta = fit_at_price(budgets, utility, per_query, caps, envelope=envelope)
+    problem = WindowProblem.create(ids, a, tau, beta, budget, weight=v, cap=caps)
+    return solve_window(problem, method=method)
+
+
+def select_queries(
+    queries: Sequence[QueryInfo],
+    budget: float,
+    model: DifficultyModel,
+    *,
+    max_tokens: float = 32768.0,
+    probe_cost: float = 0.0,
+) -> NDArray[np.bool_]:
+    """Queries worth a probe: those the window funds on from-scratch curves, and no more
+    than the budget can pay a probe of `probe_cost` tokens for (best funded first)."""
+    n = len(queries)
+    if n == 0 or budget <= 0:
+        return np.zeros(n, dtype=bool)
+    curves = model.curves(queries, survived=0)
+    result = allocate_curves([str(i) for i in range(n)], curves.budgets, curves.utility,
+                             budget, cap=np.full(n, max_tokens), method="closed_form")  # fmt: skip
+    allocations = result.allocations
+    selected = allocations > 0.0
+    affordable = int(budget // probe_cost) if probe_cost > 0 else n
+    if selected.sum() > affordable:
+        keep = np.argsort(-allocations, kind="stable")[:affordable]
+        selected = np.zeros(n, dtype=bool)
+        selected[keep] = allocations[keep] > 0.0
+    return selected
+
+
+def fit_queries(
+    outcomes: Sequence[Sequence[ProbeOutcome]],
+    queries: Sequence[QueryInfo],
+    plan: ProbePlan,
+    model: DifficultyModel,
+    settings: FitSettings | None = None,
+) -> CurveWindow:
+    """Continuation curves of a probed window (see the module docstring)."""
+    s = settings or FitSettings()
+    n = len(outcomes)
+    check_outcomes(outcomes, [q.tags for q in queries], [q.hint for q in queries], plan)
+    finished, lengths = outcome_matrix(outcomes, plan)
+    censored = ~finished
+    has_chain = censored.any(axis=1) if plan.enabled else np.ones(n, dtype=bool)
+    continued = np.where(has_chain, np.argmax(censored, axis=1), -1) if plan.enabled else None
+    curves = model.curves(queries, plan.tokens if plan.enabled else 0,
+                          _siblings(outcomes, continued))  # fmt: skip
+    answer_now, fallback, agreement = probe_answers(outcomes, s.agree_votes)
+    # Disagreeing finished probes lower the curve; a query with no chain left has none.
+    utility = curves.utility * np.where(has_chain, agreement, 0.0)[:, None]
+    a, tau, beta = fit_surge(curves.budgets, utility)
+    # No censored chain left means every probe finished: answer with what they said.
+    answer_now = tuple(
+        ans if ans is not None or has_chain[i] else fallback[i] for i, ans in enumerate(answer_now)
+    )
+    fit = WindowFit(
+        a=a,
+        tau=tau,
+        beta=beta,
+        answer_now=answer_now,
+        fallback_answer=fallback,
+        continue_from=(continued if continued is not None else np.full(n, -1)).astype(np.int64),
+        probe_tokens=lengths.sum(axis=1).astype(np.int64),
+    )
+    return CurveWindow(fit, curves.budgets, utility)
+
+
+def _siblings(
+    outcomes: Sequence[Sequence[ProbeOutcome]], continued: NDArray[np.int64] | None
+) -> list[list[OwnChain]]:
+    """Each query's probe samples other than the one its continuation extends."""
+    out: list[list[OwnChain]] = []
+    for i, row in enumerate(outcomes):
+        skip = -1 if continued is None else int(continued[i])
+        out.append([
+            OwnChain(o.tokens, o.finished, o.finished and o.answer is not None)
+            for j, o in enumerate(row) if j != skip
+        ])  # fmt: skip
+    return out

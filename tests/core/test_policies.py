@@ -1,0 +1,152 @@
+"""ClearPolicy behind its interface, through the real window pipeline on the simulator: it
+knows each query (learns recurring prompts from their earlier chains), starts empty, decides a
+query without reading that query's own outcome, and gets the answers it learns from. Also the
+replay plumbing that feeds it (hints, the one-lap rule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from daemon.core.metrics import PipelineMetrics
+from daemon.core.pipeline import PendingQuery, WindowPipeline
+from daemon.core.policies import ClearPolicy, QueryView
+from daemon.core.windowing import Window
+from daemon.replay.config import draw_queries, one_lap_error, read_extras
+from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
+from daemon.replay.simulator import SimulatedBackend, prompt_for
+from daemon.replay.traces import Arrival
+from schemas.messages import QueryRequest, Status
+from solver.fit import ProbeOutcome, ProbePlan
+from solver.memory import ANSWER, NO_ANSWER, prompt_key
+from solver.priors import PriorBook
+
+PLAN = ProbePlan(samples=1, tokens=256)
+
+
+def record(pid: str, tokens: int, answer: str = "7") -> RolloutRecord:
+    samples = tuple(RolloutSample(tokens=tokens, correct=True, answer=answer) for _ in range(4))
+    return RolloutRecord("model-a", "bench", pid, 10, "7", samples)
+
+
+def pool_of(**lengths: int) -> RolloutPool:
+    return RolloutPool([record(pid, tokens) for pid, tokens in lengths.items()])
+
+
+def request(pool: RolloutPool, pid: str, i: int) -> QueryRequest:
+    rec = pool.get(f"model-a/{pid}")
+    assert rec is not None
+    return QueryRequest(id=f"q-{pid}-{i}", prompt=prompt_for(rec),
+                        tags={"task": "bench", "model": "model-a"})  # fmt: skip
+
+
+def pipeline(policy: ClearPolicy, pool: RolloutPool) -> WindowPipeline:
+    metrics = PipelineMetrics.create(CollectorRegistry())
+    backend = SimulatedBackend(pool, seed=1)
+    return WindowPipeline(backend, policy, metrics, max_tokens_per_query=1 << 16)
+
+
+async def run_window(
+    policy: ClearPolicy, pool: RolloutPool, pids: list[str], budget: float, n: int
+) -> dict[str, list[Status]]:
+    items = tuple(PendingQuery(request(pool, pid, n * 100 + i), 0.0) for i, pid in enumerate(pids))
+    outcome = await pipeline(policy, pool).run(Window(f"w-{n}", 0.0, 2.0, items), budget)
+    by_pid: dict[str, list[Status]] = {}
+    for pid, result in zip(pids, outcome.results, strict=True):
+        by_pid.setdefault(pid, []).append(result.status)
+    return by_pid
+
+
+async def test_clear_learns_which_recurring_prompt_is_worth_its_tokens() -> None:
+    pool = pool_of(quick=700, slow=6000)
+    policy = ClearPolicy(PLAN)
+    for n in range(6):  # ample windows: both prompts run to the end and are remembered
+        await run_window(policy, pool, ["quick", "slow"] * 4, 1e6, n)
+    # Now a window that can pay for the quick prompts only: the slow ones are left unfunded
+    # (at most their probe), the quick ones answered.
+    statuses = await run_window(policy, pool, ["quick", "slow"] * 4, 4 * 700 + 4 * 256, 99)
+    assert statuses["quick"] == [Status.ANSWERED] * 4
+    assert set(statuses["slow"]) == {Status.ABANDONED}
+
+
+async def test_a_fresh_policy_knows_nothing() -> None:
+    learned, fresh = ClearPolicy(PLAN), ClearPolicy(PLAN)
+    pool = pool_of(quick=700, slow=6000)
+    await run_window(learned, pool, ["quick", "slow"], 1e6, 0)
+    assert len(fresh.model.memory) == 0
+    assert fresh.model.book.keys == 0
+    assert len(learned.model.memory) == 2
+
+
+async def test_a_decision_never_reads_the_querys_own_outcome() -> None:
+    """Two worlds that differ only in how long the target's chains run past the probe get the
+    same allocation for it: nothing of that chain's future reaches the policy before it decides
+    (its own chain is observed only after its dispatch)."""
+    allocated = []
+    for tail in (300, 9000):
+        policy = ClearPolicy(PLAN)
+        pool = pool_of(target=tail, other=1200)
+        for n in range(3):
+            await run_window(policy, pool, ["other"] * 4, 1e6, n)
+        item = PendingQuery(request(pool, "target", 0), 0.0)
+        outcome = await pipeline(policy, pool).run(Window("w-t", 0.0, 2.0, (item,)), 3000.0)
+        (result,) = outcome.results
+        assert result.tokens_probe == 256  # censored in both worlds
+        allocated.append(result.allocated_tokens)
+        assert len(policy.model.memory) == 2  # and learned from it only afterwards
+    assert allocated[0] == allocated[1] > 0
+
+
+async def test_the_pipeline_hands_clear_the_answers_it_learns_agreement_from() -> None:
+    policy = ClearPolicy(PLAN)
+    pool = pool_of(p=100)  # finishes inside its probe, with \\boxed{7}
+    await run_window(policy, pool, ["p", "p"], 1e6, 0)
+    req = request(pool, "p", 0)
+    remembered = policy.model.memory.chains(prompt_key(req.prompt, req.tags))
+    assert remembered.shape[0] == 2
+    assert np.all(remembered[:, ANSWER] != NO_ANSWER)  # the extracted answer, not just a flag
+
+
+def test_a_prior_book_passed_in_sets_the_tag_levels() -> None:
+    policy = ClearPolicy(PLAN, PriorBook(levels=("task",)))
+    assert policy.model.book.levels == ("task", "hint")
+
+
+def test_hints_reach_requests_and_one_chain_pools_replay_one_lap(tmp_path: Path) -> None:
+    path = tmp_path / "pool.jsonl"
+    rows = [
+        {"model": "m", "benchmark": "b", "problem_id": f"p{i}", "prompt_tokens": 5, "gold": "1",
+         "problem": f"Problem {i}?", "level": level,
+         "samples": [{"tokens": 100 * level, "correct": True, "answer": "1"}]}
+        for i, level in enumerate((1, 3, 5))
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = load_rollouts(path)
+    extras = read_extras(path, pool, "level")
+    assert extras.hints == (0.0, 0.5, 1.0)
+    queries = draw_queries([Arrival(float(i), i + 1, {}) for i in range(3)], pool, 0, extras)
+    by_record = {q.record: q.request for q in queries}
+    assert sorted((r.difficulty_hint or 0.0) for r in by_record.values()) == [0.0, 0.5, 1.0]
+    assert all("Problem" in r.prompt for r in by_record.values())
+    assert one_lap_error(pool, 3) is None
+    error = one_lap_error(pool, 4)
+    assert error is not None
+    assert "--limit 3" in error
+    assert "\n" not in error
+    assert read_extras(path, pool).hints is None
+
+
+def test_decisions_spend_no_more_than_the_budget() -> None:
+    policy = ClearPolicy(PLAN)
+    pool = pool_of(a=900, b=2500, c=400)
+    for i in range(30):
+        for pid, tokens in (("a", 900), ("b", 2500), ("c", 400)):
+            policy.observe(request(pool, pid, i), tokens, finished=True, answered=True)
+    views = [QueryView(request(pool, pid, 99 + i), (ProbeOutcome(False, 256),), 256, 1 << 15)
+             for i, pid in enumerate("abc" * 5)]  # fmt: skip
+    for budget in (0.0, 500.0, 3000.0, 1e5):
+        tokens = policy.decide(views, budget).tokens
+        assert int(np.sum(tokens)) <= budget
