@@ -74,6 +74,7 @@ def demo_settings(bootstrap: str, run_id: str) -> Settings:
             "CLEAR_INPUT_TOPIC": f"demo.{run_id}.queries",
             "CLEAR_RESULT_TOPIC": f"demo.{run_id}.results",
             "CLEAR_DLQ_TOPIC": f"demo.{run_id}.dlq",
+            "CLEAR_WINDOW_TOPIC": "",  # no window reports in a demo
             "CLEAR_CONSUMER_GROUP": f"demo-{run_id}",
             "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",  # replaced by the simulator's URL
             "CLEAR_KAFKA_IDEMPOTENT_PRODUCER": "false",  # Tansu has no InitProducerId
