@@ -169,7 +169,25 @@ def query_info(request: QueryRequest) -> QueryInfo:
     return QueryInfo(request.prompt, request.tags, request.difficulty_hint)
 
 
-class UniformPolicy:
+class _FixedCaps:
+    """A baseline: no probe, a cap per query, nothing learned."""
+
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        return ProbeSelection.everyone(NO_PROBE, len(requests))
+
+    def observe(
+        self,
+        request: QueryRequest,
+        chain_tokens: int,
+        *,
+        finished: bool,
+        answered: bool,
+        answer: str | None = None,
+    ) -> None:
+        """Baselines learn nothing."""
+
+
+class UniformPolicy(_FixedCaps):
     """One cap for every query; with no fixed cap, the window budget split evenly."""
 
     name = "uniform"
@@ -177,27 +195,13 @@ class UniformPolicy:
     def __init__(self, cap: int | None = None) -> None:
         self._cap = cap
 
-    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
-        return ProbeSelection.everyone(NO_PROBE, len(requests))
-
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         cap = self._cap if self._cap is not None else int(budget // max(len(queries), 1))
         tokens = np.array([min(cap, q.cap_left) for q in queries], np.int64)
         return Decision.caps(tokens, "uniform")
 
-    def observe(
-        self,
-        request: QueryRequest,
-        chain_tokens: int,
-        *,
-        finished: bool,
-        answered: bool,
-        answer: str | None = None,
-    ) -> None:
-        pass
 
-
-class OraclePolicy:
+class OraclePolicy(_FixedCaps):
     """Per-query caps chosen knowing the recorded samples (replay only: a ceiling, not a method)."""
 
     name = "oracle"
@@ -205,20 +209,6 @@ class OraclePolicy:
     def __init__(self, caps_by_id: Mapping[str, int]) -> None:
         self._caps = caps_by_id
 
-    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
-        return ProbeSelection.everyone(NO_PROBE, len(requests))
-
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         tokens = np.array([min(self._caps.get(q.request.id, 0), q.cap_left) for q in queries])
         return Decision.caps(tokens.astype(np.int64), "oracle")
-
-    def observe(
-        self,
-        request: QueryRequest,
-        chain_tokens: int,
-        *,
-        finished: bool,
-        answered: bool,
-        answer: str | None = None,
-    ) -> None:
-        pass
