@@ -19,7 +19,7 @@ Prompts carry the records' problem texts; `--hint-field FIELD` replays that reco
 hold one chain replays one lap (a second would replay identical chains).
 
     python benchmarks/quality_bench.py --seeds 5
-    python benchmarks/quality_bench.py --rollouts ../shared/data/rollouts-math500-gsm8k.jsonl \
+    python benchmarks/quality_bench.py --rollouts data/rollouts-math500-gsm8k.jsonl \
         --benchmark math500 --hint-field level --budgets 150 250 400
 """
 
@@ -57,7 +57,7 @@ from solver.difficulty import DifficultyModel, QueryInfo
 from solver.fit import ProbeOutcome, ProbePlan
 from solver.query_fit import allocate_curves, fit_queries
 
-DEFAULT_POOL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rollouts.jsonl"
+DEFAULT_POOL = Path(__file__).resolve().parents[1] / "data" / "rollouts.jsonl"
 DEFAULT_BUDGETS = (250, 375, 500, 750, 1000, 1500, 2000)
 ARRIVAL_GAP_S = 1.0  # evenly spaced arrivals; windows close by count, never by time
 

@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from daemon.replay.embedded import free_loopback_port, start_embedded_broker, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLLOUTS = ROOT.parent / "shared" / "data" / "rollouts.jsonl"
+ROLLOUTS = ROOT / "data" / "rollouts.jsonl"
 
 
 @dataclass(frozen=True)

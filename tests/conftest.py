@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = REPO_ROOT / "data"  # copies of the recorded data the project ships
 
 
 @pytest.fixture
@@ -23,5 +23,5 @@ def registry() -> CollectorRegistry:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder missing: {SHARED_DATA} (clone ../shared beside the repo)")
+        pytest.fail(f"recorded data folder missing: {SHARED_DATA}")
     return SHARED_DATA

@@ -31,8 +31,10 @@ from daemon.replay.rollouts import RolloutPool, load_rollouts
 from daemon.replay.traces import read_trace
 from solver.fit import ProbePlan
 
-DEFAULT_TRACE = Path("../shared/data/azure_llm_conv_2023.csv")
-DEFAULT_ROLLOUTS = Path("../shared/data/rollouts.jsonl")
+# The recorded trace and pools ship in the repository's data/ folder (see data/README.md).
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_TRACE = DATA_DIR / "azure_llm_conv_2023.csv"
+DEFAULT_ROLLOUTS = DATA_DIR / "rollouts.jsonl"
 
 TraceOpt = Annotated[
     Path, typer.Option(help="Arrivals: Azure CSV, Mooncake JSONL or QueryRequest JSONL.")

@@ -1,7 +1,7 @@
 """Recorded rollout pools (`rollouts.jsonl`) and the policy maths on them.
 
 A pool holds, per (model, problem) record, the token counts and grades of a few sampled reasoning
-chains. The truncation rule (see ../shared/data/README.md): under a cap b a chain is answered iff
+chains. The truncation rule (see data/README.md): under a cap b a chain is answered iff
 `tokens <= b`, and then right iff `correct`; a chain cut at b has no answer and costs b tokens.
 So a record's expected accuracy at cap b is `mean(tokens <= b and correct)` and its expected cost
 `mean(min(tokens, b))`.

@@ -249,7 +249,7 @@ def test_oracle_weights_count_repeated_draws(tiny_pool: RolloutPool) -> None:
         oracle_allocation(tiny_pool, 100, weights=[1, 2])
 
 
-# The table in ../shared/data/README.md: (uniform cap, tokens/query, uniform acc, oracle acc).
+# The table in data/README.md: (uniform cap, tokens/query, uniform acc, oracle acc).
 # Exact recomputation gives slightly lower uniform figures (e.g. 463 tok / 0.198 at cap 512),
 # hence the tolerances: 1% on tokens, 0.005 on accuracy.
 README_TABLE = [
