@@ -33,6 +33,7 @@ __all__ = [
     "ProbeOutcome",
     "ProbePlan",
     "WindowFit",
+    "affordable_probes",
     "fit_window",
     "select_probes",
 ]
@@ -287,10 +288,18 @@ def select_probes(
         [str(i) for i in range(n)], a, tau, beta, budget, cap=np.full(n, max_tokens)
     )
     allocations = solve_window(problem, method="closed_form").allocations
+    return affordable_probes(allocations, budget, probe_cost)
+
+
+def affordable_probes(
+    allocations: NDArray[np.float64], budget: float, probe_cost: float
+) -> NDArray[np.bool_]:
+    """The funded queries (allocation > 0), no more than `budget` pays a `probe_cost` probe
+    each; when it cannot pay them all, the best-funded keep theirs."""
     selected = allocations > 0.0
-    affordable = int(budget // probe_cost) if probe_cost > 0 else n
+    affordable = int(budget // probe_cost) if probe_cost > 0 else allocations.size
     if selected.sum() > affordable:
         keep = np.argsort(-allocations, kind="stable")[:affordable]
-        selected = np.zeros(n, dtype=bool)
+        selected = np.zeros(allocations.size, dtype=bool)
         selected[keep] = allocations[keep] > 0.0
     return selected

@@ -26,6 +26,7 @@ from solver.fit import (
     ProbeOutcome,
     ProbePlan,
     WindowFit,
+    affordable_probes,
     check_outcomes,
     outcome_matrix,
     probe_answers,
@@ -93,13 +94,7 @@ def select_queries(
     result = allocate_curves([str(i) for i in range(n)], curves.budgets, curves.utility,
                              budget, cap=np.full(n, max_tokens), method="closed_form")  # fmt: skip
     allocations = result.allocations
-    selected = allocations > 0.0
-    affordable = int(budget // probe_cost) if probe_cost > 0 else n
-    if selected.sum() > affordable:
-        keep = np.argsort(-allocations, kind="stable")[:affordable]
-        selected = np.zeros(n, dtype=bool)
-        selected[keep] = allocations[keep] > 0.0
-    return selected
+    return affordable_probes(allocations, budget, probe_cost)
 
 
 def fit_queries(
