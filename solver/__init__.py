@@ -1,12 +1,37 @@
 """Pure, synchronous numerics: utility model, fitting and windowed allocation.
 
 Nothing in this package may import asyncio, Kafka or HTTP clients.
+
+The names below are exported lazily (PEP 562): `import solver.fit` or `from solver import
+ProblemError` loads only the submodules it needs, so importing one light submodule does not
+pull in cvxpy (about a second) with `solver.allocate` and `solver.cvx`.
 """
 
-from solver.allocate import solve_window
-from solver.cvx import CvxpyAllocator, SolverFailure
-from solver.problem import AllocationResult, ProblemError, WindowProblem
-from solver.utility import envelope, envelope_value, marginal_value, tangent_point, value
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from solver.allocate import solve_window
+    from solver.cvx import CvxpyAllocator, SolverFailure
+    from solver.problem import AllocationResult, ProblemError, WindowProblem
+    from solver.utility import envelope, envelope_value, marginal_value, tangent_point, value
+
+# Exported name → the submodule defining it.
+_EXPORTS = {
+    "AllocationResult": "solver.problem",
+    "CvxpyAllocator": "solver.cvx",
+    "ProblemError": "solver.problem",
+    "SolverFailure": "solver.cvx",
+    "WindowProblem": "solver.problem",
+    "envelope": "solver.utility",
+    "envelope_value": "solver.utility",
+    "marginal_value": "solver.utility",
+    "solve_window": "solver.allocate",
+    "tangent_point": "solver.utility",
+    "value": "solver.utility",
+}
 
 __all__ = [
     "AllocationResult",
@@ -21,3 +46,16 @@ __all__ = [
     "tangent_point",
     "value",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    attribute = getattr(import_module(module), name)
+    globals()[name] = attribute  # later look-ups skip this function
+    return attribute
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -9,8 +9,15 @@ below it imports it.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+# Every command module imports only typer and the standard library at the top and defers the
+# rest (pydantic, numpy, cvxpy, aiokafka, aiohttp, matplotlib, the daemon) into the command, so
+# `clearbudget --help` and each command's `--help` start in a fraction of a second
+# (benchmarks/help_bench.py; tests/cli/test_startup.py keeps it so).
+from daemon.cli.config import config_command
 from daemon.cli.demo import demo_command
 from daemon.cli.replay import replay_command
 from daemon.cli.run import run
@@ -18,6 +25,7 @@ from daemon.cli.schema import schema
 from daemon.cli.simulate import simulate_backend
 from daemon.cli.solve import solve
 from daemon.cli.sweep import sweep_command
+from daemon.cli.version import print_version
 
 app = typer.Typer(
     name="clearbudget",
@@ -31,11 +39,19 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """clearbudget: token-budget allocation for reasoning LLM queries."""
 
 
 app.command("run")(run)
+app.command("config")(config_command)
 app.command("replay")(replay_command)
 app.command("sweep")(sweep_command)
 app.command("demo")(demo_command)

@@ -20,8 +20,6 @@ from daemon.cli.inputs import (
     quiet_logs,
     report_row,
 )
-from daemon.replay.embedded import BrokerStartError
-from daemon.settings import SettingsError
 
 DEMO_POLICIES = ("uniform", "clear")
 
@@ -37,7 +35,10 @@ def demo_command(
     """One-command demo: an embedded Kafka broker (Tansu) and the recorded-rollout simulator as
     the vLLM pod; a slice of the recorded Azure trace goes through the real daemon path (Kafka →
     windows → probe → fit → solve → HTTP dispatch → results topic) for uniform and clear."""
-    from daemon.replay.demo import run_demo  # deferred: pulls in aiokafka and the daemon
+    # Deferred (as in every command): `clearbudget --help` must not load the daemon.
+    from daemon.replay.demo import run_demo
+    from daemon.replay.embedded import BrokerStartError
+    from daemon.settings import SettingsError
 
     check_speedup(speedup)
     pool, queries = load_inputs(trace, rollouts, limit, seed)

@@ -3,33 +3,21 @@ the replay config, the progress bar, the results table and quiet logs."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import structlog
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from daemon.cli.errors import fail
-from daemon.replay.config import (
-    ReplayConfig,
-    ReplayQuery,
-    draw_queries,
-    one_lap_error,
-    read_extras,
-)
-from daemon.replay.files import InputFileError
-from daemon.replay.inprocess import replay
-from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import RolloutPool, load_rollouts
-from daemon.replay.traces import read_trace
-from solver.fit import ProbePlan
+
+# Only what the option types need is imported here: `clearbudget --help` imports this module,
+# so the replay rig, structlog and rich's widgets load inside the helpers that use them.
+if TYPE_CHECKING:
+    from daemon.replay.config import ReplayConfig, ReplayQuery
+    from daemon.replay.report import ReplayReport
+    from daemon.replay.rollouts import RolloutPool
 
 # The recorded trace and pools ship in the repository's data/ folder (see data/README.md).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -52,10 +40,12 @@ HintFieldOpt = Annotated[
                       "no hint)."),
 ]  # fmt: skip
 
-err_console = Console(stderr=True)
-
 
 def quiet_logs() -> None:
+    import logging
+
+    import structlog
+
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
@@ -64,6 +54,11 @@ def load_inputs(
 ) -> tuple[RolloutPool, list[ReplayQuery]]:
     """The pool and one query per arrival of the trace's first `limit` arrivals (prompts carry
     the records' problem texts; `hint_field`, if given, becomes their difficulty_hint)."""
+    from daemon.replay.config import draw_queries, one_lap_error, read_extras
+    from daemon.replay.files import InputFileError
+    from daemon.replay.rollouts import load_rollouts
+    from daemon.replay.traces import read_trace
+
     if limit is not None and limit < 1:
         fail(f"--limit must be >= 1, got {limit}")
     try:
@@ -85,6 +80,9 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
                 seed: int, window_seconds: float, window_max_queries: int, probe_samples: int,
                 probe_tokens: int, hint_field: str | None = None) -> ReplayConfig:  # fmt: skip
     """The replay config; a bad value fails naming the command-line option."""
+    from daemon.replay.config import ReplayConfig
+    from solver.fit import ProbePlan
+
     try:
         return ReplayConfig(
             policy=policy,  # type: ignore[arg-type]  # validated by ReplayConfig
@@ -109,9 +107,12 @@ def check_speedup(speedup: float) -> None:
 @contextmanager
 def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """A transient bar on stderr; the context yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
+        console=Console(stderr=True), transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
@@ -121,6 +122,10 @@ def run_replay(
     queries: Sequence[ReplayQuery], pool: RolloutPool, config: ReplayConfig
 ) -> ReplayReport:
     """In-process replay with a progress bar."""
+    import asyncio
+
+    from daemon.replay.inprocess import replay
+
     with progress_bar(f"replay {config.policy}", len(queries)) as advance:
         return asyncio.run(replay(queries, pool, config, on_window=advance))
 
@@ -139,6 +144,9 @@ def report_dict(report: ReplayReport, hint_field: str | None) -> dict[str, Any]:
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="accuracy vs tokens per query (all generated tokens, probes included)")
     for column in ("policy", "budget/q", "tokens/q", "probe/q", "accuracy", "answered",
                    "abandoned", "failed"):  # fmt: skip

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,10 +29,11 @@ from daemon.cli.inputs import (
     report_dict,
     run_replay,
 )
-from daemon.replay.config import ReplayConfig, ReplayQuery
-from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import RolloutPool
-from daemon.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from daemon.replay.config import ReplayConfig, ReplayQuery
+    from daemon.replay.report import ReplayReport
+    from daemon.replay.rollouts import RolloutPool
 
 
 def replay_command(
@@ -86,7 +86,10 @@ def replay_on_kafka_from_env(
     queries: Sequence[ReplayQuery], pool: RolloutPool, config: ReplayConfig, *, speedup: float
 ) -> ReplayReport:
     """`replay --kafka`: the broker and topics come from CLEAR_* settings."""
+    import asyncio
+
     from daemon.replay.demo import replay_with_simulator  # deferred: pulls in aiokafka
+    from daemon.settings import SettingsError, load_settings
 
     try:
         base = load_settings()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from daemon.cli.errors import fail
-from daemon.settings import SettingsError, load_settings
 
 
 def run() -> None:
@@ -15,6 +12,10 @@ def run() -> None:
     CLEAR_KAFKA_BOOTSTRAP, CLEAR_VLLM_ENDPOINTS, CLEAR_TOKENS_PER_SECOND, CLEAR_WINDOW_SECONDS.
     Invalid settings exit with status 2 and name the variable. SIGTERM drains gracefully.
     """
+    import asyncio
+
+    from daemon.settings import SettingsError, load_settings
+
     try:
         settings = load_settings()
     except SettingsError as exc:

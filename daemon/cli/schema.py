@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from daemon.cli.errors import fail
-from schemas.export import SCHEMA_MODELS, render, schema_document
 
 
 def _normalise(name: str) -> str:
@@ -17,6 +16,8 @@ def _normalise(name: str) -> str:
 
 def _resolve(name: str) -> str:
     """Accept `query-request`, `query_request` or `QueryRequest`."""
+    from schemas.export import SCHEMA_MODELS
+
     by_key = {_normalise(key): key for key in SCHEMA_MODELS}
     try:
         return by_key[_normalise(name)]
@@ -34,6 +35,8 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of one message type, or an object of all of them by name."""
+    from schemas.export import SCHEMA_MODELS, render, schema_document  # deferred: pydantic
+
     if name is None:
         documents = {key: schema_document(key) for key in SCHEMA_MODELS}
         typer.echo(json.dumps(documents, indent=2, ensure_ascii=False))

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from daemon.cli.errors import fail
 from daemon.cli.inputs import DEFAULT_ROLLOUTS
-from daemon.replay.files import InputFileError
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.sim_server import DEFAULT_MODEL_NAME, PodTiming, start_simulator
-from daemon.replay.simulator import SimulatedBackend
+
+if TYPE_CHECKING:
+    from daemon.replay.sim_server import PodTiming
+    from daemon.replay.simulator import SimulatedBackend
+
+# daemon.replay.sim_server.DEFAULT_MODEL_NAME, spelt out so `--help` need not import aiohttp
+# (tests/cli/test_startup.py keeps the two equal).
+DEFAULT_MODEL_NAME = "clearbudget-sim"
 
 
 def simulate_backend(
@@ -48,6 +49,13 @@ def simulate_backend(
     Point CLEAR_VLLM_ENDPOINTS at it like at a vLLM pod. With --decode-rate it also takes the
     time a pod would: at most --max-num-seqs sequences at once, each at --decode-rate tokens/s.
     """
+    import asyncio
+
+    from daemon.replay.files import InputFileError
+    from daemon.replay.rollouts import load_rollouts
+    from daemon.replay.sim_server import PodTiming
+    from daemon.replay.simulator import SimulatedBackend
+
     if not 0 <= port <= 65535:
         fail(f"--port must be between 0 and 65535, got {port}")
     if decode_rate < 0:
@@ -75,6 +83,12 @@ async def _serve(
     model_name: str,
     timing: PodTiming | None,
 ) -> None:
+    import asyncio
+    import contextlib
+    import signal
+
+    from daemon.replay.sim_server import start_simulator
+
     server = await start_simulator(
         backend, host=host, port=port, model_name=model_name, timing=timing
     )

@@ -9,8 +9,6 @@ from pathlib import Path
 import typer
 
 from daemon.cli.errors import fail
-from solver import ProblemError, solve_window
-from solver.contract import problem_from_json
 
 
 def solve(
@@ -25,7 +23,9 @@ def solve(
     Input: {"budget": B, "queries": [{"id", "A", "tau", "beta", "weight"?, "cap"?, "tag"?}],
     "tag_budgets"?: {tag: B}}.
     """
-    from solver import CvxpyAllocator  # deferred: keeps `clearbudget --help` fast
+    # Deferred: cvxpy takes about a second to import; `clearbudget --help` must not pay it.
+    from solver import CvxpyAllocator, ProblemError, solve_window
+    from solver.contract import problem_from_json
 
     if method not in ("auto", "closed_form", "cvxpy"):
         fail(f"--method: expected auto, closed_form or cvxpy, got {method!r}")

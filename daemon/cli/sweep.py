@@ -28,15 +28,17 @@ from daemon.cli.inputs import (
     report_row,
     run_replay,
 )
-from daemon.replay.config import POLICIES
 
 DEFAULT_GRID = "250,500,750,1000,1500,2000"
+# ",".join(daemon.replay.config.POLICIES), spelt out so `--help` need not import the replay rig
+# (tests/cli/test_startup.py keeps the two equal).
+DEFAULT_POLICIES = "clear,uniform,oracle"
 
 
 def sweep_command(
     out: Annotated[Path, typer.Option(help="Folder for pareto.json and pareto.png.")],
     budgets: Annotated[str, typer.Option(help="Tokens per query, comma-separated.")] = DEFAULT_GRID,
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = ",".join(POLICIES),
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = DEFAULT_POLICIES,
     trace: TraceOpt = DEFAULT_TRACE,
     rollouts: RolloutsOpt = DEFAULT_ROLLOUTS,
     seed: SeedOpt = 0,
