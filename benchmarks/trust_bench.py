@@ -3,7 +3,10 @@ recorded-rollout simulator (all on loopback), under three traffic shapes:
 
 - `burst`: the daemon idles, then a burst of queries arrives at once (windows of 100 queries);
 - `steady`: a steady stream at a fixed rate;
-- `backlog`: a large batch queued before the daemon starts; measured for a fixed time.
+- `backlog`: a large batch queued before the daemon starts; measured for a fixed time;
+- `rolling`: two replicas share a steady stream and each is restarted in turn (SIGTERM, then a
+  fresh process), as a rolling update does: nothing may be lost and no id may get two
+  different statuses.
 
 For each it reports the tokens generated (every result's `tokens_used`, probes included) against
 what the budget allowed over the span (rate × span + one carry cap), the spend rate, the
@@ -11,7 +14,7 @@ statuses, how many queries were abandoned on windows that could not pay one prob
 daemon's peak RSS. The spend ratio must stay ≤ 1.01; in a backlog the spend rate should sit at
 the configured rate.
 
-    python benchmarks/trust_bench.py --scenarios burst steady backlog
+    python benchmarks/trust_bench.py --scenarios burst steady backlog rolling
 """
 
 from __future__ import annotations
@@ -66,13 +69,16 @@ async def produce(bootstrap: str, topic: str, values: list[bytes], rate: float) 
 
 
 async def collect(
-    bootstrap: str, topic: str, want: int, until: float
+    bootstrap: str, topic: str, want: int, until: float, *, unique: bool = False
 ) -> list[tuple[float, QueryResult]]:
+    """Results read from the start until `want` of them (`unique`: of distinct ids) or `until`."""
     reader = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await reader.start()
     seen: list[tuple[float, QueryResult]] = []
     try:
-        while len(seen) < want and time.perf_counter() < until:
+        while time.perf_counter() < until:
+            if (len({r.id for _, r in seen}) if unique else len(seen)) >= want:
+                break
             batch = await reader.getmany(timeout_ms=200, max_records=10000)
             now = time.perf_counter()
             seen += [
@@ -85,12 +91,10 @@ async def collect(
     return seen
 
 
-async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_url: str) -> dict:
-    run_id = f"{name}-{int(time.time() * 1000)}"
-    topics = [f"trust.{run_id}.{t}" for t in ("queries", "results", "dlq")]
-    await create_topics(bootstrap, topics, args.partitions)
-    port = free_loopback_port()
-    window_queries = {"burst": 100}.get(name, args.window_max_queries)
+def daemon_env(
+    args: argparse.Namespace, bootstrap: str, sim_url: str, run_id: str, topics: list[str],
+    port: int, window_queries: int,
+) -> dict[str, str]:  # fmt: skip
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CLEAR_")},
         "CLEAR_KAFKA_BOOTSTRAP": bootstrap,
@@ -110,6 +114,18 @@ async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_
     }
     if args.min_tokens_per_query is not None:
         env["CLEAR_MIN_TOKENS_PER_QUERY"] = str(args.min_tokens_per_query)
+    return env
+
+
+async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_url: str) -> dict:
+    run_id = f"{name}-{int(time.time() * 1000)}"
+    topics = [f"trust.{run_id}.{t}" for t in ("queries", "results", "dlq")]
+    if name == "rolling":
+        return await run_rolling(args, bootstrap, sim_url, run_id, topics)
+    await create_topics(bootstrap, topics, args.partitions)
+    port = free_loopback_port()
+    window_queries = {"burst": 100}.get(name, args.window_max_queries)
+    env = daemon_env(args, bootstrap, sim_url, run_id, topics, port, window_queries)
     count = {"burst": args.burst, "steady": int(args.steady_rate * args.steady_seconds)}.get(
         name, args.backlog
     )
@@ -137,6 +153,65 @@ async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_
         daemon.terminate()
         daemon.wait(60)
     return summarise(name, args, results, started, count, rss)
+
+
+async def run_rolling(
+    args: argparse.Namespace, bootstrap: str, sim_url: str, run_id: str, topics: list[str]
+) -> dict:
+    """Two replicas on a steady stream; each restarted once, a third of the way apart."""
+    await create_topics(bootstrap, topics, max(args.partitions, 4))
+    count = int(args.steady_rate * args.steady_seconds)
+    values = query_values(run_id, count, seed=7)
+    ports = [free_loopback_port(), free_loopback_port()]
+    envs = [
+        daemon_env(args, bootstrap, sim_url, run_id, topics, port, args.window_max_queries)
+        for port in ports
+    ]
+    replicas = [start_daemon(env, port) for env, port in zip(envs, ports, strict=True)]
+    restarts: list[float] = []
+    try:
+        await asyncio.sleep(args.idle_seconds)  # both replicas joined the group
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        producing = loop.create_task(produce(bootstrap, topics[0], values, rate=args.steady_rate))
+        collecting = loop.create_task(
+            collect(
+                bootstrap,
+                topics[1],
+                count,
+                started + args.steady_seconds + args.timeout,
+                unique=True,
+            )
+        )
+        for i in range(2):
+            await asyncio.sleep(args.steady_seconds / 3)
+            replicas[i].terminate()  # SIGTERM: drain, publish, commit, leave the group
+            replicas[i].wait(60)
+            restarts.append(round(time.perf_counter() - started, 1))
+            replicas[i] = start_daemon(envs[i], ports[i])
+        await producing
+        await collecting
+        await asyncio.sleep(5)  # late duplicates, if any, arrive now
+        # Everything on the results topic, read afresh (the first reader stops at `count`).
+        results = await collect(bootstrap, topics[1], 10**9, time.perf_counter() + 10)
+    finally:
+        for replica in replicas:
+            replica.terminate()
+            replica.wait(60)
+    statuses: dict[str, set[str]] = {}
+    copies = Counter(r.id for _, r in results)
+    for _, r in results:
+        statuses.setdefault(r.id, set()).add(r.status.value)
+    return {
+        "scenario": "rolling",
+        "queries": count,
+        "restarts_at_s": restarts,
+        "results": len(results),
+        "lost": count - len(statuses),
+        "duplicated_ids": sum(1 for n in copies.values() if n > 1),
+        "ids_with_two_statuses": sum(1 for s in statuses.values() if len(s) > 1),
+        "statuses": dict(Counter(r.status.value for _, r in results)),
+    }
 
 
 def summarise(
@@ -185,7 +260,7 @@ async def main(args: argparse.Namespace) -> list[dict]:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", nargs="+", default=["burst", "steady", "backlog"])
+    parser.add_argument("--scenarios", nargs="+", default=["burst", "steady", "backlog", "rolling"])
     parser.add_argument("--tokens-per-second", type=float, default=4000)
     parser.add_argument("--window-seconds", type=float, default=2.0)
     parser.add_argument("--window-max-queries", type=int, default=256)

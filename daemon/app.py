@@ -9,9 +9,10 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -21,12 +22,13 @@ from daemon.core.metrics import PipelineMetrics
 from daemon.core.pipeline import WindowPipeline
 from daemon.core.policies import AllocationPolicy, ClearPolicy
 from daemon.core.ports import CompletionBackend
+from daemon.core.tag_spend import TagSpendPipeline
 from daemon.http_server import HealthChecks, start_http_server
 from daemon.kafka.clients import start_clients, window_reports_possible
 from daemon.kafka.intake import Intake, IntakeLimits
 from daemon.kafka.service import Daemon
 from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
-from daemon.settings import Settings
+from daemon.settings import Scrubber, Settings
 from daemon.vllm.pool import VllmPool
 from solver.fit import ProbePlan
 from solver.priors import PriorBook
@@ -55,8 +57,11 @@ def tune_gc() -> None:
 QUIET_LIBRARIES = ("aiokafka", "aiohttp", "asyncio")
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines, the libraries' records too; prompts and record values are never logged."""
+def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """JSON lines, the libraries' records too; prompts and record values are never logged, and
+    `secrets` (`Settings.secret_values()`) are masked wherever they turn up."""
+    scrubber = Scrubber(secrets)
+    scrub: list[structlog.typing.Processor] = [_scrubbing(scrubber)] if scrubber else []
     handler = logging.StreamHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -65,6 +70,8 @@ def configure_logging(level: str) -> None:
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                *scrub,
             ],
         )
     )
@@ -76,12 +83,38 @@ def configure_logging(level: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *scrub,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=True,
     )
+
+
+def _scrubbing(scrubber: Scrubber) -> structlog.typing.Processor:
+    """A processor masking the secrets in every value of an event (before it is rendered)."""
+
+    def scrubbed(value: object) -> object:
+        if isinstance(value, str):
+            return scrubber.text(value)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, dict):
+            return {key: scrubbed(item) for key, item in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [scrubbed(item) for item in value]
+        shown = repr(value)  # what the renderer would write for it
+        masked = scrubber.text(shown)
+        return value if masked == shown else masked
+
+    def processor(_: object, __: str, event: structlog.typing.EventDict) -> Any:
+        return {
+            key: value if key.startswith("_") else scrubbed(value)  # "_record": logging's own
+            for key, value in event.items()
+        }
+
+    return processor
 
 
 def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
@@ -112,7 +145,8 @@ async def run_daemon(
     `on_start` receives the daemon once it is built, before it consumes (e.g. to wait on its
     `assigned` event)."""
     registry = registry or CollectorRegistry()
-    metrics = PipelineMetrics.create(registry)
+    tag_budgets = settings.tag_budgets
+    metrics = PipelineMetrics.create(registry, tag_budgets.label_keys if tag_budgets else ())
     log = structlog.get_logger("clearbudget")
     async with AsyncExitStack() as stack:
         if backend is None:
@@ -124,12 +158,17 @@ async def run_daemon(
         stack.push_async_callback(consumer.stop)
         if not await window_reports_possible(settings, consumer, log):
             settings = settings.model_copy(update={"window_topic": None})
+        # One policy, so one long-lived cvxpy allocator, for the life of the process.
         policy = policy or ClearPolicy(
-            ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook()
-        )
-        pipeline = WindowPipeline(
-            backend, policy, metrics, max_tokens_per_query=settings.max_tokens_per_query
-        )
+            ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
+            tag_budgets=tag_budgets, tag_metrics=metrics.tags,
+        )  # fmt: skip
+        cap = settings.max_tokens_per_query
+        pipeline = WindowPipeline(backend, policy, metrics, max_tokens_per_query=cap)
+        if tag_budgets is not None:
+            pipeline = TagSpendPipeline(
+                backend, policy, metrics, tag_budgets=tag_budgets, max_tokens_per_query=cap
+            )
         health = BrokerHealth()
         daemon = Daemon(
             broker_health=health,
@@ -148,8 +187,10 @@ async def run_daemon(
             window_id_prefix=window_id_prefix(),
             logger=log,
         )
+        scrubber = Scrubber(settings.secret_values())
         checks = HealthChecks(
-            liveness=lambda: _liveness(daemon), readiness=lambda: _readiness(daemon, backend)
+            liveness=lambda: _scrubbed(scrubber, _liveness(daemon)),
+            readiness=lambda: _scrubbed(scrubber, _readiness(daemon, backend)),
         )
         runner = await start_http_server(
             registry, checks, host=settings.http_host, port=settings.http_port
@@ -173,7 +214,13 @@ def _liveness(daemon: Daemon) -> str | None:
     return None
 
 
+def _scrubbed(scrubber: Scrubber, reason: str | None) -> str | None:
+    return scrubber.text(reason) if reason is not None and scrubber else reason
+
+
 def _readiness(daemon: Daemon, backend: CompletionBackend) -> str | None:
+    if daemon.state.fatal_error:  # why it stopped consuming, while it drains before exiting
+        return daemon.state.fatal_error
     if not daemon.state.consuming:
         return "not consuming"
     if not daemon.broker_health.ok:

@@ -7,25 +7,31 @@ validation failure into a `SettingsError` whose message names the environment va
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
     AnyHttpUrl,
     Field,
     FilePath,
+    InstanceOf,
     SecretStr,
     TypeAdapter,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from daemon.core.tags import TagBudgets
 from schemas.messages import DEFAULT_MAX_PROMPT_BYTES
 
 ENV_PREFIX = "CLEAR_"
@@ -136,6 +142,9 @@ class Settings(BaseSettings):
     # count whatever their budget).
     min_tokens_per_query: int | None = Field(default=None, ge=0)
     max_prompt_bytes: int = Field(default=DEFAULT_MAX_PROMPT_BYTES, gt=0)
+    # `TAG=VALUE:SHARE,...`: shares of each window's budget reserved for the queries whose
+    # tag TAG is VALUE; the rest is shared by all (daemon/core/tags.py). Unset: none.
+    tag_budgets: Annotated[InstanceOf[TagBudgets] | None, NoDecode] = None
 
     # --- Process ---------------------------------------------------------------------------
     http_port: int = Field(default=8080, ge=1, le=65535)
@@ -148,6 +157,12 @@ class Settings(BaseSettings):
     @field_validator("kafka_bootstrap")
     @classmethod
     def _check_bootstrap(cls, value: str) -> str:
+        if "@" in value or "//" in value:  # checked first: the value is not echoed back
+            raise ValueError(
+                "brokers are plain host:port entries, without a scheme or user:password@; "
+                f"set credentials in {env_var('kafka_sasl_username')} and "
+                f"{env_var('kafka_sasl_password')}"
+            )
         servers = [part.strip() for part in value.split(",") if part.strip()]
         if not servers:
             raise ValueError("needs at least one host:port")
@@ -189,6 +204,19 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # A Kubernetes Secret or ConfigMap key left empty means "not configured".
         return None if value == "" else value
+
+    @field_validator("tag_budgets", mode="before")
+    @classmethod
+    def _parse_tag_budgets(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            return TagBudgets.parse(value)
+        return value
+
+    @field_serializer("tag_budgets")
+    def _show_tag_budgets(self, value: TagBudgets | None) -> str | None:
+        return None if value is None else str(value)
 
     @field_validator("vllm_endpoints", mode="before")
     @classmethod
@@ -258,6 +286,13 @@ class Settings(BaseSettings):
                 f"TLS files are set but {env_var('kafka_security_protocol')} is "
                 f"{self.kafka_security_protocol} (use SSL or SASL_SSL)"
             )
+        if self.vllm_api_key is not None and any(
+            _url_credentials(url) for url in self.vllm_endpoints
+        ):
+            problems.append(
+                f"{env_var('vllm_endpoints')} carries user:password@ and "
+                f"{env_var('vllm_api_key')} is set: use one or the other"
+            )
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             problems.append(
                 f"{env_var('kafka_ssl_certfile')} and {env_var('kafka_ssl_keyfile')} "
@@ -295,6 +330,18 @@ class Settings(BaseSettings):
         """`kafka_bootstrap` split into host:port entries (what aiokafka accepts)."""
         return self.kafka_bootstrap.split(",")
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The secrets as they may show up in text: the SASL password, the vLLM API key and
+        the credentials inside vLLM URLs (as written, decoded, and as a Basic auth token)."""
+        values = [
+            secret.get_secret_value()
+            for secret in (self.kafka_sasl_password, self.vllm_api_key)
+            if secret is not None
+        ]
+        for url in self.vllm_endpoints:
+            values += _url_credentials(url)
+        return tuple(dict.fromkeys(values))
+
 
 def _normalise_base_url(raw: str) -> str:
     try:
@@ -304,6 +351,54 @@ def _normalise_base_url(raw: str) -> str:
     if url.query or url.fragment:
         raise ValueError(f"{raw!r}: a base URL has no query or fragment")
     return str(url).rstrip("/")
+
+
+def _url_credentials(url: str) -> list[str]:
+    """The secret parts of `scheme://user:password@host`: the password (else a bare user, a
+    token), as written and percent-decoded, and the Basic token aiohttp sends for them."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    if not at:
+        return []
+    user, colon, password = userinfo.partition(":")
+    secret = password if colon else user
+    basic = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return [secret, unquote(secret), basic]
+
+
+# Shorter secrets are not searched for: every occurrence of, say, "ab" would be masked.
+MIN_SCRUBBED_CHARS = 4
+SCRUBBED = "***"
+
+
+class Scrubber:
+    """Masks the exact values of the configured secrets in text on its way out (logs, Kafka
+    records, health reasons), whatever put them there: an echoing gateway, an exception."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        needles: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= MIN_SCRUBBED_CHARS:  # as is, and as JSON writes it in a string
+                escaped = (json.dumps(secret, ensure_ascii=flag)[1:-1] for flag in (True, False))
+                needles |= {secret, *escaped}
+        # Longest first: a secret that contains another is masked whole.
+        self._needles = tuple(sorted(needles, key=len, reverse=True))
+        self._byte_needles = tuple(needle.encode() for needle in self._needles)
+
+    def __bool__(self) -> bool:
+        return bool(self._needles)
+
+    def text(self, text: str) -> str:
+        for needle in self._needles:
+            if needle in text:
+                text = text.replace(needle, SCRUBBED)
+        return text
+
+    def data(self, data: bytes) -> bytes:
+        """`text` for UTF-8 (e.g. a serialised record)."""
+        for needle in self._byte_needles:
+            if needle in data:
+                data = data.replace(needle, SCRUBBED.encode())
+        return data
 
 
 def env_var_names() -> frozenset[str]:
@@ -373,6 +468,7 @@ def _validated(build: Callable[[], Settings]) -> Settings:
         raise SettingsError(_describe(error) for error in exc.errors()) from None
 
 
+_URL_FIELDS = frozenset({"kafka_bootstrap", "vllm_endpoints"})
 # `scheme://user:password@host`: the user:password part, never echoed in an error.
 _URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s'\",]+@")
 
@@ -383,8 +479,16 @@ def _describe(error: Mapping[str, Any]) -> str:
     if not loc:
         return message
     field = str(loc[0])
-    shown = "" if field in SECRET_FIELDS else f" (got {_redact(repr(error.get('input')))})"
-    return f"{env_var(field)}: {message}{shown}"
+    if field in SECRET_FIELDS:
+        return f"{env_var(field)}: {message}"
+    shown = _redact(repr(error.get("input")))
+    if field in _URL_FIELDS and "@" in shown.replace("***@", ""):
+        # user:password@ that `_redact` could not cut out (a ',' or '/' in the password, no
+        # scheme): neither the value nor a message quoting part of it is echoed.
+        if field != "kafka_bootstrap":  # its own message for this case quotes nothing
+            message = "an entry with user:password@ is not valid (not shown: it holds a password)"
+        return f"{env_var(field)}: {message}"
+    return f"{env_var(field)}: {message} (got {shown})"
 
 
 def _redact(text: str) -> str:

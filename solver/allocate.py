@@ -20,9 +20,10 @@ from solver.curves import (
 )
 from solver.cvx import CvxpyAllocator, Relaxation, SolverFailure
 from solver.problem import AllocationResult, FloatArray, WindowProblem
-from solver.rounding import drop_chord_queries, enforce_budgets, fill_chords
+from solver.rounding import fill_chords, round_chords
 
 Method = Literal["auto", "closed_form", "cvxpy"]
+Rounding = Literal["chord", "swap"]
 CLOSED_FORM = "closed_form"
 _module_logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def solve_window(
     allocator: CvxpyAllocator | None = None,
     logger: logging.Logger | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    rounding: Rounding = "chord",
 ) -> AllocationResult:
     """Allocate one window's budget.
 
@@ -41,6 +43,11 @@ def solve_window(
     tag budgets add rows; "cvxpy" forces cvxpy (pass a long-lived `allocator` to reuse compiled
     problems). A cvxpy failure or inaccurate status falls back to the closed form, logged and
     counted in `AllocationResult.fallbacks`.
+
+    rounding "chord" funds or abandons the relaxation's chord query, whichever is worth more on
+    the true curves (the price still sorts funded from abandoned); "swap" also tries swaps among
+    the queries nearest the price (closer to the integer optimum on small windows, but a query
+    below the price may be funded and one above it abandoned). See `rounding.round_chords`.
     """
     start = clock()
     curves = build_curves(problem)
@@ -61,7 +68,7 @@ def solve_window(
             )
     if relaxation is None:
         relaxation = relax_closed_form(curves, problem.budget, tag_budgets)
-    final = round_relaxation(curves, relaxation, problem.budget, tag_budgets)
+    final = round_relaxation(curves, relaxation, problem.budget, tag_budgets, rounding)
     return AllocationResult(
         ids=problem.ids,
         allocations=final,
@@ -97,11 +104,12 @@ def relax_closed_form(curves: Curves, budget: float, tag_budgets: FloatArray) ->
 
 
 def round_relaxation(
-    curves: Curves, relaxation: Relaxation, budget: float, tag_budgets: FloatArray
+    curves: Curves,
+    relaxation: Relaxation,
+    budget: float,
+    tag_budgets: FloatArray,
+    rounding: Rounding = "chord",
 ) -> FloatArray:
-    """Abandon chord queries; re-price the freed tokens over the funded queries; guard budgets."""
-    b = drop_chord_queries(relaxation.relaxed)
-    if relaxation.relaxed.inside_chord.any():
-        funded = curves.subset(b > 0.0)
-        b = drop_chord_queries(relax_closed_form(funded, budget, tag_budgets).relaxed)
-    return enforce_budgets(curves, b, budget, tag_budgets)
+    """Fund or abandon each chord query (the better on the true curves); guard budgets."""
+    swaps = rounding == "swap"
+    return round_chords(curves, relaxation.relaxed, budget, tag_budgets, swaps=swaps)

@@ -160,6 +160,15 @@ class CvxpyAllocator:
         self._cuts = np.concatenate([[0.0], np.geomspace(0.02, TAIL_HORIZON, tangent_cuts - 1)])
         self._compiled: dict[tuple[int, int], _Model] = {}
 
+    @classmethod
+    def one_off(
+        cls, solver: str = "CLARABEL", *, formulation: Formulation | None = None
+    ) -> CvxpyAllocator:
+        """An allocator for a single solve (`clearbudget solve`): every window is built from
+        constants, so nothing pays the DPP compile that only a long-lived allocator earns back
+        (1,000 tagged queries in a fresh process: about a tenth of the time)."""
+        return cls(solver, formulation=formulation, dpp_max_size=0)
+
     @property
     def name(self) -> str:
         suffix = "-tangent" if self.formulation == "tangent" else ""

@@ -43,9 +43,7 @@ class WindowProblem:
     tag_index: NDArray[np.int64] = field(init=False)
 
     def __post_init__(self) -> None:
-        names = tuple(sorted({t for t in self.tags if t is not None and t in self.tag_budgets}))
-        lookup = {name: k for k, name in enumerate(names)}
-        index = np.array([lookup.get(t, NO_TAG) if t else NO_TAG for t in self.tags], np.int64)
+        names, index = tag_rows(self.tags, self.tag_budgets)
         object.__setattr__(self, "tag_names", names)
         object.__setattr__(self, "tag_index", index)
 
@@ -174,6 +172,17 @@ class AllocationResult:
             "tag_prices": dict(self.tag_prices),
             "fallbacks": self.fallbacks,
         }
+
+
+def tag_rows(
+    tags: Sequence[str | None], tag_budgets: Mapping[str, float]
+) -> tuple[tuple[str, ...], NDArray[np.int64]]:
+    """The tags that get a budget row (those with a budget and at least one query, sorted) and
+    each query's row (NO_TAG where its tag has none)."""
+    names = tuple(sorted({t for t in tags if t is not None and t in tag_budgets}))
+    lookup = {name: k for k, name in enumerate(names)}
+    index = np.array([lookup.get(t, NO_TAG) if t else NO_TAG for t in tags], np.int64)
+    return names, index
 
 
 def _finite_nonneg(x: FloatArray) -> NDArray[np.bool_]:

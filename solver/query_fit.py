@@ -13,13 +13,14 @@ logic (early answers, which chain to continue, the fallback answer) is that of `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from solver.allocate import Method, solve_window
+from solver.cvx import CvxpyAllocator
 from solver.difficulty import DifficultyModel, OwnChain, QueryInfo
 from solver.fit import (
     FitSettings,
@@ -31,7 +32,7 @@ from solver.fit import (
     outcome_matrix,
     probe_answers,
 )
-from solver.problem import AllocationResult, WindowProblem
+from solver.problem import AllocationResult, WindowProblem, tag_rows
 from solver.surge_fit import curve_price, fit_at_price, fit_surge
 
 __all__ = ["CurveWindow", "allocate_curves", "fit_queries", "select_queries"]
@@ -62,19 +63,51 @@ def allocate_curves(
     cap: Sequence[float] | FloatArray | None = None,
     method: Method = "auto",
     envelope: tuple[FloatArray, FloatArray, FloatArray] | None = None,
+    tags: Sequence[str | None] | None = None,
+    tag_budgets: Mapping[str, float] | None = None,
+    allocator: CvxpyAllocator | None = None,
 ) -> AllocationResult:
     """Allocate a window of predicted curves: find the price at which the curves' own demands
     fit the budget, fit every curve's shifted surge where that price acts, and solve
-    (`envelope`: the curves' envelope fits, when already made)."""
+    (`envelope`: the curves' envelope fits, when already made).
+
+    `tags` and `tag_budgets` add the window problem's tag rows (Σ over a tag ≤ its budget); a
+    query's curve is then fitted at its own price, max(λ, its tag's price). `allocator`: a
+    long-lived `CvxpyAllocator` whose compiled problems are reused (tagged windows use cvxpy)."""
     n = len(ids)
     v = np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64)
     caps = np.full(n, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
-    price = max(curve_price(budgets, utility, budget, v, caps), PRICE_FLOOR)
+    price = _fit_prices(budgets, utility, budget, v, caps, tags, tag_budgets or {})
     with np.errstate(divide="ignore"):
         per_query = np.where(v > 0, price / v, np.inf)
     a, tau, beta = fit_at_price(budgets, utility, per_query, caps, envelope=envelope)
-    problem = WindowProblem.create(ids, a, tau, beta, budget, weight=v, cap=caps)
-    return solve_window(problem, method=method)
+    problem = WindowProblem.create(
+        ids, a, tau, beta, budget, weight=v, cap=caps, tags=tags, tag_budgets=tag_budgets
+    )
+    return solve_window(problem, method=method, allocator=allocator)
+
+
+def _fit_prices(
+    budgets: FloatArray,
+    utility: FloatArray,
+    budget: float,
+    v: FloatArray,
+    caps: FloatArray,
+    tags: Sequence[str | None] | None,
+    tag_budgets: Mapping[str, float],
+) -> FloatArray:
+    """Per query, the price its curve is fitted at: the window's curve price, or with tag rows
+    max(λ, the tag's own price), λ being the price with each tag spending at most its budget."""
+    names, index = tag_rows(tags or (None,) * len(v), tag_budgets)
+    if not names:
+        return np.full(len(v), max(curve_price(budgets, utility, budget, v, caps), PRICE_FLOOR))
+    limits = np.array([tag_budgets[name] for name in names], dtype=np.float64)
+    shadow = curve_price(budgets, utility, budget, v, caps, groups=index, group_budgets=limits)
+    own = [
+        curve_price(budgets, utility[rows], float(limits[k]), v[rows], caps[rows])
+        for k, rows in ((k, index == k) for k in range(len(names)))
+    ]
+    return np.maximum(np.maximum(shadow, np.append(own, 0.0)[index]), PRICE_FLOOR)
 
 
 def select_queries(
@@ -82,17 +115,23 @@ def select_queries(
     budget: float,
     model: DifficultyModel,
     *,
-    max_tokens: float = 32768.0,
+    max_tokens: float | Sequence[float] = 32768.0,
     probe_cost: float = 0.0,
+    tags: Sequence[str | None] | None = None,
+    tag_budgets: Mapping[str, float] | None = None,
 ) -> NDArray[np.bool_]:
-    """Queries worth a probe: those the window funds on from-scratch curves, and no more
-    than the budget can pay a probe of `probe_cost` tokens for (best funded first)."""
+    """Queries worth a probe: those the window funds on from-scratch curves (within the tag
+    rows, if any: the closed form honours them), and no more than the budget can pay a probe
+    of `probe_cost` tokens for (best funded first). `max_tokens`: each query's cap, or one
+    for all."""
     n = len(queries)
     if n == 0 or budget <= 0:
         return np.zeros(n, dtype=bool)
     curves = model.curves(queries, survived=0)
     result = allocate_curves([str(i) for i in range(n)], curves.budgets, curves.utility,
-                             budget, cap=np.full(n, max_tokens), method="closed_form")  # fmt: skip
+                             budget, cap=np.broadcast_to(np.asarray(max_tokens, np.float64), (n,)),
+                             method="closed_form",
+                             tags=tags, tag_budgets=tag_budgets)  # fmt: skip
     allocations = result.allocations
     return affordable_probes(allocations, budget, probe_cost)
 

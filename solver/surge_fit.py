@@ -134,10 +134,15 @@ def curve_price(
     cap: FloatArray,
     *,
     steps: int = 18,
+    groups: NDArray[np.int64] | None = None,
+    group_budgets: FloatArray | None = None,
 ) -> float:
     """The price at which the curves' own demands (each query's grid budget maximising
     v·U(b) − λ·b, within its cap) fit the budget: the smallest such λ, by bisection in log λ
-    (0 when every query's whole demand fits; `steps` halvings of a 10⁹ range leave < 0.01%)."""
+    (0 when every query's whole demand fits; `steps` halvings of a 10⁹ range leave < 0.01%).
+
+    With `groups` (a group index per query, −1 for none) and `group_budgets`, a group spends at
+    most its own budget, whatever its demand at λ (as the window budget's tag rows have it)."""
     u = np.maximum.accumulate(np.clip(utility, 0.0, 1.0), axis=1) * weight[:, None]
     allowed = budgets[None, :] <= cap[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -148,7 +153,12 @@ def curve_price(
     blocked = _blocked(budgets, cap, u.shape)
 
     def spent(lam: float) -> float:
-        return float(_demand(budgets, u, np.full(u.shape[0], lam), blocked)[0].sum())
+        demand = _demand(budgets, u, np.full(u.shape[0], lam), blocked)[0]
+        if groups is None or group_budgets is None:
+            return float(demand.sum())
+        grouped = groups >= 0
+        per_group = np.bincount(groups[grouped], demand[grouped], minlength=group_budgets.size)
+        return float(demand[~grouped].sum() + np.minimum(per_group, group_budgets).sum())
 
     low = high * 1e-9
     if spent(low) <= budget:

@@ -287,6 +287,11 @@ def test_secrets_come_from_the_credentials_secret(
     assert not any("value" in entry for entry in container["env"]), "no literal values in env"
     # vLLM enforces the API key, so the daemon must not start without it.
     assert from_secret[env_var("vllm_api_key")].get("optional", False) is False
+    # The SASL password is required exactly where a SASL protocol is used: without SASL an
+    # absent key must not keep the pod from starting, with it the pod must not start without.
+    sasl = _config(rendered[overlay])[env_var("kafka_security_protocol")].startswith("SASL_")
+    optional = from_secret[env_var("kafka_sasl_password")].get("optional", False)
+    assert optional is not sasl, f"{overlay}: SASL {sasl}, password optional {optional}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -20,10 +20,12 @@ import typer
 from daemon.cli.config import config_command
 from daemon.cli.demo import demo_command
 from daemon.cli.replay import replay_command
+from daemon.cli.results import results_command
 from daemon.cli.run import run
 from daemon.cli.schema import schema
 from daemon.cli.simulate import simulate_backend
 from daemon.cli.solve import solve
+from daemon.cli.submit import submit_command
 from daemon.cli.sweep import sweep_command
 from daemon.cli.version import print_version
 
@@ -52,6 +54,8 @@ def main(
 
 app.command("run")(run)
 app.command("config")(config_command)
+app.command("submit")(submit_command)
+app.command("results")(results_command)
 app.command("replay")(replay_command)
 app.command("sweep")(sweep_command)
 app.command("demo")(demo_command)

@@ -23,7 +23,7 @@ def run() -> None:
     from daemon.app import configure_logging, install_signal_handlers, run_daemon, tune_gc
     from daemon.kafka.clients import StartupError
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secret_values())
     tune_gc()
 
     async def main() -> str | None:

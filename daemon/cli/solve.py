@@ -30,7 +30,9 @@ def solve(
     if method not in ("auto", "closed_form", "cvxpy"):
         fail(f"--method: expected auto, closed_form or cvxpy, got {method!r}")
     try:
-        allocator = CvxpyAllocator(solver)
+        # One window per process: built from constants, no DPP compile (it pays off only for
+        # the daemon's long-lived allocator, which solves window after window).
+        allocator = CvxpyAllocator.one_off(solver)
     except ValueError as exc:
         fail(f"--{exc}")
     doc = _read_json(input)

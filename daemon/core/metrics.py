@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -9,6 +10,56 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from schemas.messages import Status
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class TagMetrics:
+    """Per-tag spend and prices under `CLEAR_TAG_BUDGETS`. The label set is bounded: the
+    configured `TAG=VALUE` entries and `other`, all created up front (none without tag
+    budgets); a key outside it is counted as `other`."""
+
+    labels: tuple[str, ...]
+    tokens: Counter
+    shadow_price: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, labels: Sequence[str]) -> TagMetrics:
+        metrics = cls(
+            labels=tuple(labels),
+            tokens=Counter(
+                "clear_tag_tokens",
+                "Generated tokens (probes included) of the queries of each budgeted tag.",
+                ["tag"],
+                registry=registry,
+            ),
+            shadow_price=Gauge(
+                "clear_tag_shadow_price",
+                "Price per token the last window's queries of each budgeted tag faced: the "
+                "shadow price plus the tag's premium where its budget binds.",
+                ["tag"],
+                registry=registry,
+            ),
+        )
+        for label in metrics.labels:
+            metrics.tokens.labels(tag=label)
+            metrics.shadow_price.labels(tag=label)
+        return metrics
+
+    def _label(self, key: str) -> str | None:
+        if key in self.labels:
+            return key
+        return "other" if "other" in self.labels else None
+
+    def record_spend(self, tokens: Mapping[str, float]) -> None:
+        for key, amount in tokens.items():
+            label = self._label(key)
+            if label is not None and amount > 0:
+                self.tokens.labels(tag=label).inc(amount)
+
+    def record_prices(self, shadow_price: float, prices: Mapping[str, float]) -> None:
+        """Every label gets this window's price: its own where it had a row, else λ."""
+        for label in self.labels:
+            self.shadow_price.labels(tag=label).set(prices.get(label, shadow_price))
 
 
 @dataclass(frozen=True)
@@ -28,10 +79,13 @@ class PipelineMetrics:
     in_flight: Gauge
     budget_share: Gauge
     budget_carry: Gauge
+    budget_earned: Counter
     lag: Gauge
+    tags: TagMetrics
 
     @classmethod
-    def create(cls, registry: CollectorRegistry) -> PipelineMetrics:
+    def create(cls, registry: CollectorRegistry, tag_labels: Sequence[str] = ()) -> PipelineMetrics:
+        """`tag_labels`: the per-tag metrics' label set (`TagBudgets.label_keys`)."""
         metrics = cls(
             shadow_price=Gauge(
                 "clear_shadow_price",
@@ -101,11 +155,18 @@ class PipelineMetrics:
                 "Unspent budget held for the next windows (the bucket level between windows).",
                 registry=registry,
             ),
+            budget_earned=Counter(
+                "clear_budget_earned_tokens",
+                "Tokens this replica's budget earned (its share of the rate, over time); "
+                "compare with clear_tokens_total.",
+                registry=registry,
+            ),
             lag=Gauge(
                 "clear_consumer_lag",
                 "Records in the assigned partitions not yet consumed (work waiting in Kafka).",
                 registry=registry,
             ),
+            tags=TagMetrics.create(registry, tag_labels),
         )
         for status in Status:
             metrics.queries.labels(status=status.value)

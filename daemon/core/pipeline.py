@@ -81,7 +81,11 @@ class WindowPipeline:
         self._wall_clock = wall_clock
         self._log = logger or structlog.get_logger("clearbudget.pipeline")
 
-    async def run(self, window: Window[PendingQuery], budget: float) -> WindowOutcome:
+    async def run(
+        self, window: Window[PendingQuery], budget: float, *, waiting: int = 0
+    ) -> WindowOutcome:
+        """Serve `window` on `budget` tokens; `waiting`: queries queued behind it (a backlog),
+        named in the reason of those priced out."""
         started = self._wall_clock()
         queries = [_Query(item.request) for item in window.items]
         self._expire(queries, window.window_id)
@@ -100,9 +104,9 @@ class WindowPipeline:
         decision = self._policy.decide([view for _, view in views], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
-        await self._dispatch(live, decision, window.window_id)
+        await self._dispatch(live, decision, window.window_id, waiting)
         for query in skipped:
-            query.result = _insolvent(query, window.window_id, decision.shadow_price)
+            query.result = _insolvent(query, window.window_id, decision.shadow_price, waiting)
         for query in spent_out:
             query.result = self._probe_only_result(query, window.window_id, decision.shadow_price)
         return self._report(queries, window, budget, decision, started)
@@ -158,7 +162,9 @@ class WindowPipeline:
         await asyncio.gather(*(probe_one(q) for q in live))
         self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
 
-    async def _dispatch(self, live: list[_Query], decision: Decision, window_id: str) -> None:
+    async def _dispatch(
+        self, live: list[_Query], decision: Decision, window_id: str, waiting: int
+    ) -> None:
         price = decision.shadow_price
 
         async def dispatch_one(query: _Query, i: int) -> None:
@@ -172,7 +178,7 @@ class WindowPipeline:
                     text=_finished_with(query.probe, answer_now).text,
                 )  # fmt: skip
             elif tokens <= 0:
-                query.result = _insolvent(query, window_id, price)
+                query.result = _insolvent(query, window_id, price, waiting)
             else:
                 chain = _probe_sample(query.probe, decision.continue_from[i])
                 fallback = decision.fallback_answer[i]
@@ -233,6 +239,7 @@ class WindowPipeline:
         try:
             completion = await self._complete(query.request, prompt, n=n, max_tokens=max_tokens)
         except BackendError as exc:
+            self._charge_to(query, phase, max(exc.discarded_tokens, 0))
             query.result = _result(
                 query, Status.FAILED, window_id, price, reason=f"{phase} failed: {exc}"
             )
@@ -240,11 +247,7 @@ class WindowPipeline:
         except _DeadlinePassed:
             query.result = _expired(query, window_id, price, phase)
             return None
-        charged = _charge(completion, n, max_tokens)
-        if phase == "probe":
-            query.probe_tokens = charged
-        else:
-            query.dispatch_tokens = charged
+        self._charge_to(query, phase, _charge(completion, n, max_tokens))
         problem = _inconsistency(completion, n, max_tokens, probe=phase == "probe")
         if problem is not None:
             query.result = _result(
@@ -252,6 +255,13 @@ class WindowPipeline:
             )
             return None
         return completion
+
+    @staticmethod
+    def _charge_to(query: _Query, phase: Literal["probe", "dispatch"], tokens: int) -> None:
+        if phase == "probe":
+            query.probe_tokens = tokens
+        else:
+            query.dispatch_tokens = tokens
 
     async def _complete(
         self, request: QueryRequest, prompt: str | list[int], *, n: int, max_tokens: int
@@ -377,11 +387,11 @@ def _expired(query: _Query, window_id: str, price: float | None, phase: str) -> 
     )
 
 
-def _insolvent(query: _Query, window_id: str, price: float) -> QueryResult:
-    return _result(
-        query, Status.ABANDONED, window_id, price,
-        reason=f"insolvent: cannot return the shadow price {price:.4g} per token",
-    )  # fmt: skip
+def _insolvent(query: _Query, window_id: str, price: float, waiting: int) -> QueryResult:
+    reason = f"insolvent: cannot return the shadow price {price:.4g} per token"
+    if waiting:
+        reason += f" (backlog: {waiting} queries waiting; windows are paced to the budget rate)"
+    return _result(query, Status.ABANDONED, window_id, price, reason=reason)
 
 
 def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:
@@ -399,8 +409,10 @@ def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:
 
 def _charge(completion: Completion, n: int, max_tokens: int) -> int:
     """Tokens to charge for a response: its usage, but never more than the request allowed
-    (a larger count is a backend error, reported by `_inconsistency`)."""
-    return min(max(completion.completion_tokens, 0), n * max_tokens)
+    (a larger count is a backend error, reported by `_inconsistency`), plus what earlier
+    attempts generated without a usable answer."""
+    used = min(max(completion.completion_tokens, 0), n * max_tokens)
+    return used + max(completion.discarded_tokens, 0)
 
 
 def _inconsistency(

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from daemon.core.metrics import TagMetrics
+from daemon.core.tags import TagBudgets, TagRows
 from schemas.messages import QueryRequest
+from solver.cvx import CvxpyAllocator
 from solver.difficulty import HINT_LEVEL, DifficultyModel, QueryInfo
 from solver.fit import ProbeOutcome, ProbePlan
 from solver.hazards import DEFAULT_LEVELS
 from solver.priors import PriorBook
-from solver.query_fit import allocate_curves, fit_queries, select_queries
+from solver.problem import AllocationResult
+from solver.query_fit import CurveWindow, allocate_curves, fit_queries, select_queries
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
+# The most tokens probe selection lets a query without its own max_tokens want.
+SELECTION_HORIZON = 32768
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,8 @@ class QueryView:
 class Decision:
     """Per live query: continuation budget (0 abandons it), an early answer, which probe chain
     to continue (−1: start fresh) and the answer to fall back on if that chain does not finish;
-    plus the window's price."""
+    plus the window's price, and with tag budgets each group's row and price (λ plus the
+    group's premium where its row binds)."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
@@ -59,6 +66,8 @@ class Decision:
     solver: str
     solve_ms: float = 0.0
     fallbacks: int = 0
+    tag_budgets: Mapping[str, float] = field(default_factory=dict)
+    tag_prices: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
@@ -101,22 +110,50 @@ class ClearPolicy:
         priors: PriorBook | None = None,
         *,
         model: DifficultyModel | None = None,
+        tag_budgets: TagBudgets | None = None,
+        tag_metrics: TagMetrics | None = None,
+        allocator: CvxpyAllocator | None = None,
     ) -> None:
         """`priors` is accepted for callers written against the per-tag book: its tag levels
-        become the model's (plus the hint level); the model learns everything else itself."""
+        become the model's (plus the hint level); the model learns everything else itself.
+
+        `tag_budgets`: shares of each window's budget reserved per tag value (see
+        `daemon.core.tags`); `tag_metrics` then gets each window's per-tag prices. Tagged
+        windows are solved with cvxpy on `allocator`, one per policy (so per process): each
+        size bucket compiles once and is then re-solved with new parameters."""
         self._plan = plan
         levels = (*priors.levels, HINT_LEVEL) if priors is not None else DEFAULT_LEVELS
         self.model = model or DifficultyModel(levels=levels)
+        self.tag_budgets = tag_budgets
+        self._tag_metrics = tag_metrics
+        self._allocator = allocator
+
+    @property
+    def allocator(self) -> CvxpyAllocator:
+        """The long-lived allocator (made on the first tagged window)."""
+        if self._allocator is None:
+            self._allocator = CvxpyAllocator()
+        return self._allocator
 
     def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
         if not self._plan.enabled:
             return ProbeSelection.everyone(self._plan, len(requests))
-        # Queries the window would abandon on their own prior curves are not worth a probe.
+        groups = self._groups(requests)
+        rows = self.tag_budgets.rows(groups, budget) if self.tag_budgets and groups else None
+        # Queries the window would abandon on their own prior curves (within their tag's row,
+        # and their own max_tokens) are not worth a probe.
+        caps = [min(r.max_tokens or SELECTION_HORIZON, SELECTION_HORIZON) for r in requests]
         selected = select_queries(
-            [query_info(r) for r in requests], budget, self.model,
-            probe_cost=self._plan.max_cost,
+            [query_info(r) for r in requests], budget, self.model, max_tokens=caps,
+            probe_cost=self._plan.max_cost, tags=groups if rows else None,
+            tag_budgets=rows.budgets if rows else None,
         )  # fmt: skip
         return ProbeSelection(self._plan, selected)
+
+    def _groups(self, requests: Sequence[QueryRequest]) -> list[str]:
+        if self.tag_budgets is None:
+            return []
+        return [self.tag_budgets.group_of(r.tags) for r in requests]
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         if not queries:
@@ -136,19 +173,67 @@ class ClearPolicy:
         if not todo.any():
             return Decision(tokens, answer_now, *chains, 0.0, "none")
         index = np.flatnonzero(todo)
-        result = allocate_curves(
-            [queries[i].request.id for i in index], window.budgets, window.utility[index],
-            budget, weight=[queries[i].request.weight for i in index],
-            cap=[queries[i].cap_left for i in index],
-            envelope=(fitted.a[index], fitted.tau[index], fitted.beta[index]),
-        )  # fmt: skip
+        groups = self._groups([q.request for q in queries])
+        rows = None
+        if self.tag_budgets is not None:
+            # Every live query's probe counts against its group's share, answered or not; a
+            # group with nothing left to allocate leaves its share to the pool.
+            probes: dict[str, float] = {}
+            for group, query in zip(groups, queries, strict=True):
+                probes[group] = probes.get(group, 0.0) + query.probe_tokens
+            rows = self.tag_budgets.rows([groups[i] for i in index], budget, probes)
+        result, tag_budgets = self._allocate(queries, index, window, budget, groups, rows)
         tokens[index] = result.token_allocations()
+        tag_prices = {
+            key: result.shadow_price + result.tag_prices.get(key, 0.0) for key in tag_budgets
+        }
+        if self._tag_metrics is not None:
+            self._tag_metrics.record_prices(result.shadow_price, tag_prices)
         # The reported time covers the whole decision: curves, price, fits and the solve.
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return Decision(
             tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
-            result.fallbacks,
+            result.fallbacks, tag_budgets, tag_prices,
         )  # fmt: skip
+
+    def _allocate(
+        self,
+        queries: Sequence[QueryView],
+        index: NDArray[np.int64],
+        window: CurveWindow,
+        budget: float,
+        groups: Sequence[str],
+        rows: TagRows | None,
+    ) -> tuple[AllocationResult, dict[str, float]]:
+        """The window's allocation and the tag rows it was solved on; solved again on
+        rebalanced rows if the first solve broke a reserve or left one idle while another
+        group wanted more (`TagRows.rebalance`)."""
+        fitted = window.fit
+        cap = np.array([queries[i].cap_left for i in index], np.float64)
+        tags = [groups[i] for i in index] if rows is not None else None
+
+        def solve(tag_budgets: Mapping[str, float] | None) -> AllocationResult:
+            return allocate_curves(
+                [queries[i].request.id for i in index], window.budgets, window.utility[index],
+                budget, weight=[queries[i].request.weight for i in index], cap=cap,
+                envelope=(fitted.a[index], fitted.tau[index], fitted.beta[index]),
+                tags=tags, tag_budgets=tag_budgets,
+                allocator=self.allocator if tag_budgets else None,
+            )  # fmt: skip
+
+        if rows is None or tags is None:
+            return solve(None), {}
+        result = solve(rows.budgets)
+        allocated: dict[str, float] = {}
+        wants_more: set[str] = set()
+        for group, tokens, limit in zip(tags, result.allocations, cap, strict=True):
+            allocated[group] = allocated.get(group, 0.0) + float(tokens)
+            if tokens < limit - 1.0:
+                wants_more.add(group)
+        rebalanced = rows.rebalance(allocated, wants_more)
+        if rebalanced is None:
+            return result, rows.budgets
+        return solve(rebalanced), rebalanced
 
     def observe(
         self,

@@ -40,10 +40,18 @@ class Completion:
     completion_tokens: int
     # The prompt as the backend tokenised it, when it says so (vLLM with `return_token_ids`).
     prompt_token_ids: tuple[int, ...] | None = None
+    # Tokens of earlier attempts of this request whose answers could not be used (a garbled
+    # 200 body): generated, so charged, though nothing came of them.
+    discarded_tokens: int = 0
 
 
 class BackendError(RuntimeError):
-    """A backend request failed (after the backend's own retries)."""
+    """A backend request failed (after the backend's own retries). `discarded_tokens`: what
+    its attempts generated without a usable answer (charged to the query all the same)."""
+
+    def __init__(self, message: str, *, discarded_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.discarded_tokens = discarded_tokens
 
 
 class CompletionBackend(Protocol):

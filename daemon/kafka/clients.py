@@ -95,9 +95,12 @@ async def window_reports_possible(
     return False
 
 
-def _missing_topics(settings: Settings, existing: set[str]) -> str | None:
+def _missing_topics(
+    settings: Settings,
+    existing: set[str],
+    fields: Sequence[str] = ("input_topic", "result_topic", "dlq_topic"),
+) -> str | None:
     """One line naming each configured topic the broker does not have, and its variable."""
-    fields = ("input_topic", "result_topic", "dlq_topic")
     absent = [
         f"{getattr(settings, f)!r} ({env_var(f)})"
         for f in fields
@@ -182,7 +185,9 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_poll_interval_ms=300_000,
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
-        rebalance_timeout_ms=5_000,
+        # A revoke lets running windows finish (up to the shutdown deadline, then a last
+        # publish): the group must wait that long for this member to rejoin.
+        rebalance_timeout_ms=int((settings.shutdown_deadline_seconds + 10) * 1000),
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         **security_options(settings),
     )
@@ -199,6 +204,60 @@ def make_producer(settings: Settings, *, idempotent: bool | None = None) -> AIOK
         request_timeout_ms=10_000,  # fail fast into RetryingSink's backoff when the broker is gone
         **security_options(settings),
     )
+
+
+async def start_command_producer(
+    settings: Settings, log: structlog.typing.FilteringBoundLogger, topic_fields: Sequence[str]
+) -> AIOKafkaProducer:
+    """A started producer for a one-shot command (`clearbudget submit`): the daemon's producer
+    and idempotence fallback, but no waiting for the broker (CLEAR_KAFKA_STARTUP_WAIT_SECONDS is
+    the daemon's); an unreachable broker or a missing topic of `topic_fields` is one
+    `StartupError` line naming the variable. Bounded by the producer's request time-out per
+    bootstrap address."""
+    try:
+        producer = await _start_producer(settings, log)
+    except KafkaConnectionError as exc:
+        raise StartupError(_unreachable(settings, exc)) from exc
+    try:
+        existing = (await producer.client.fetch_all_metadata()).topics()
+    except KafkaError as exc:
+        await producer.stop()
+        raise StartupError(_unreachable(settings, exc)) from exc
+    if missing := _missing_topics(settings, existing, topic_fields):
+        await producer.stop()
+        raise StartupError(missing)
+    return producer
+
+
+def make_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer outside every consumer group, for the command-line readers (`clearbudget
+    results`, `submit --wait`): partitions are assigned by hand and nothing is ever committed,
+    so it never joins, rebalances or moves the daemon's group."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # only when a position fell out of retention: skip none
+        request_timeout_ms=10_000,
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        **security_options(settings),
+    )
+
+
+async def start_reader(settings: Settings, topic_fields: Sequence[str]) -> AIOKafkaConsumer:
+    """A started `make_reader` consumer; an unreachable broker or a missing topic of
+    `topic_fields` is one `StartupError` line naming the variable."""
+    consumer = make_reader(settings)
+    try:
+        await consumer.start()
+        missing = _missing_topics(settings, await consumer.topics(), topic_fields)
+    except KafkaError as exc:
+        await consumer.stop()
+        raise StartupError(_unreachable(settings, exc)) from exc
+    if missing:
+        await consumer.stop()
+        raise StartupError(missing)
+    return consumer
 
 
 async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) -> None:

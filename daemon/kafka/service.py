@@ -34,7 +34,11 @@ BROKER_CHECK_INTERVAL_S = 5.0
 BROKER_CHECK_TIMEOUT_S = 3.0
 COMMIT_INTERVAL_S = 0.5
 MAX_RECORDS_PER_POLL = 2000
-LAST_PUBLISH_S = 3.0  # after the shutdown deadline, for the abandoned queries' results
+# After the shutdown deadline: a moment for windows caught publishing, then the abandoned
+# queries' results (the pod's grace period is the deadline + 5 s).
+PUBLISHING_GRACE_S = 1.0
+LAST_PUBLISH_S = 3.0
+HANDOVER_REASON = "its partition was handed to another replica before the query could finish"
 
 
 class Consumer(Protocol):
@@ -128,13 +132,14 @@ class Daemon:
         self._max_windows_in_flight = max_windows_in_flight
         self._slots = asyncio.Semaphore(max_windows_in_flight)
         # Window tasks in flight and the queries each holds (for the shutdown deadline), and
-        # those already publishing (a revoke lets them finish rather than half-publish).
+        # those publishing their results.
         self._running: dict[asyncio.Task[None], Window[PendingQuery]] = {}
         self._publishing: set[asyncio.Task[None]] = set()
         self._side_tasks: set[asyncio.Task[None]] = set()  # rejections being published
         self._shutdown_deadline_s = shutdown_deadline_s
         self._last_commit = 0.0
         self._paused = False
+        self._fenced: set[TopicPartition] = set()  # revoked, not (yet) assigned again
         self.state = DaemonState()
         # Set once the group gave this replica partitions: its budget share is known from then.
         self.assigned = asyncio.Event()
@@ -194,6 +199,10 @@ class Daemon:
             self.broker_health.down(exc)
         else:
             self.broker_health.up()
+
+    def _waiting(self) -> int:
+        """Queries behind a starting window, at least: in Kafka and in the open window."""
+        return self._lag() + self._assembler.pending
 
     def _lag(self) -> int:
         """Records waiting in the assigned partitions past what this replica has read."""
@@ -261,6 +270,8 @@ class Daemon:
     # --- windows --------------------------------------------------------------------------
     async def _dispatch_windows(self) -> None:
         while True:
+            # A window waiting here for a slot or its budget is neither queued nor running: a
+            # revoke or the shutdown drops it (it is re-read), like the queued ones.
             window = await self._windows.get()
             await self._slots.acquire()
             await self._pace(window)
@@ -283,7 +294,9 @@ class Daemon:
         now = self._clock()
         seconds = min(now - self._last_reserve_at, self._window_seconds)
         self._last_reserve_at = now
+        earned_before = self._ledger.earned_total
         budget = self._ledger.reserve(seconds)
+        self._metrics.budget_earned.inc(self._ledger.earned_total - earned_before)
         self._metrics.budget_carry.set(self._ledger.carry)
         return budget
 
@@ -293,6 +306,13 @@ class Daemon:
         )
 
     def _start_window(self, window: Window[PendingQuery], *, holds_slot: bool = False) -> None:
+        if self._fenced:  # a window the dispatcher held through a revoke
+            items = tuple(item for item in window.items if item.partition not in self._fenced)
+            if not items:
+                if holds_slot:
+                    self._slots.release()
+                return
+            window = replace(window, items=items)
         # Reserved here, not in the task: the next window's pacing must see this start.
         budget = self._reserve()
         task = asyncio.create_task(
@@ -306,7 +326,7 @@ class Daemon:
     ) -> None:
         started = self._clock()
         try:
-            outcome = await self._pipeline.run(window, budget)
+            outcome = await self._pipeline.run(window, budget, waiting=self._waiting())
             self._publishing.add(asyncio.current_task())  # type: ignore[arg-type]
             await self._sink.publish_results(outcome.results)
             # Published: done, whatever happens to the report (a drain must not relabel them).
@@ -378,6 +398,7 @@ class Daemon:
         self._offsets.mark_committed(positions)
 
     def on_assignment(self, assigned: set[TopicPartition]) -> None:
+        self._fenced -= assigned
         total = len(self._consumer.partitions_for_topic(self._topic) or ()) or len(assigned) or 1
         mine = sum(1 for tp in assigned if tp.topic == self._topic)
         self._ledger.set_share(mine / total)
@@ -388,9 +409,9 @@ class Daemon:
         self._log.info("partitions_assigned", assigned=mine, total=total, share=mine / total)
 
     async def on_revoke(self, revoked: set[TopicPartition]) -> None:
-        """Hand the revoked partitions over cleanly: their unpublished work is dropped before
-        the new owner reads them (it re-reads from the committed offsets), windows already
-        publishing finish, then what is done is committed."""
+        """Hand the revoked partitions over cleanly: windows already running on them finish
+        and publish (within the shutdown deadline), work not yet started is dropped, and what
+        is done is committed, so the new owner re-reads exactly what has no result."""
         await self._fence(set(revoked))
         with contextlib.suppress(Exception):
             await self.commit()
@@ -400,23 +421,30 @@ class Daemon:
         def kept(item: PendingQuery) -> bool:
             return item.partition not in revoked
 
+        # From now on nothing of these partitions starts (the dispatcher may hold a window).
+        self._fenced |= revoked
         self._assembler.retain(kept)
         self._seen_ids = {p.request.id for p in self._assembler.pending_items}
-        queued = [self._windows.get_nowait() for _ in range(self._windows.qsize())]
+        queued = self._drop_queued()
         for window in queued:
             self._requeue(window, kept)
-        hit = {t: w for t, w in self._running.items() if not all(map(kept, w.items))}
-        publishing = [task for task in hit if task in self._publishing]
-        if publishing:
-            await asyncio.wait(publishing, timeout=self._shutdown_deadline_s)
-        cancelled = [task for task in hit if task not in publishing]
-        for task in cancelled:
-            task.cancel()
-        await asyncio.gather(*cancelled, return_exceptions=True)
-        for task in cancelled:
-            self._requeue(hit[task], kept)
+        hit = {task for task, w in self._running.items() if not all(map(kept, w.items))}
+        late = await self._finish_running(hit, HANDOVER_REASON)  # the rest was dropped
         if hit or queued:
-            self._log.info("partitions_revoked", cancelled_windows=len(cancelled))
+            self._log.info("partitions_revoked", finished_windows=len(hit) - late,
+                           abandoned_windows=late)  # fmt: skip
+
+    async def _finish_running(self, tasks: set[asyncio.Task[None]], reason: str) -> int:
+        """Let running windows finish and publish, within the shutdown deadline; those still
+        running then are cancelled and their queries published `abandoned` with `reason`.
+        Running windows hold the earliest offsets: a window cancelled unpublished behind one
+        that published would have the new owner re-read, and perhaps answer differently,
+        queries that already have a result. Returns how many were abandoned."""
+        if not tasks:
+            return 0
+        _, late = await asyncio.wait(tasks, timeout=self._shutdown_deadline_s)
+        await self._abandon_late(late, reason)
+        return len(late)
 
     def _requeue(self, window: Window[PendingQuery], kept: Callable[[PendingQuery], bool]) -> None:
         """Put back the queries of partitions still owned (a window cut by a revoke)."""
@@ -426,31 +454,42 @@ class Daemon:
 
     # --- shutdown -------------------------------------------------------------------------
     async def _drain(self, dispatcher: asyncio.Task[None]) -> None:
-        """Finish open work within the deadline; abandon what is left; publish; commit."""
-        last = self._assembler.flush(self._clock())
-        while not self._windows.empty():
-            self._start_window(self._windows.get_nowait())
-        if last is not None:
-            self._start_window(last)
+        """Running windows finish within the deadline (what is left is abandoned), rejections
+        are published, everything done is committed. Work not started (the open window, the
+        queued ones) is left uncommitted for a restart or the next owner: starting it now
+        would run it on no budget."""
         dispatcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await dispatcher
-        pending = set(self._running) | self._side_tasks
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self._shutdown_deadline_s)
-            await self._abandon_late(late)
+        left = self._assembler.pending + sum(len(w.items) for w in self._drop_queued())
+        if left:
+            self._log.info("shutdown_leaves_unstarted", queries=left)
+        await self._finish_running(set(self._running) | self._side_tasks, SHUTDOWN_REASON)
         with contextlib.suppress(Exception):
             await self.commit()
 
-    async def _abandon_late(self, late: set[asyncio.Task[None]]) -> None:
-        unpublished = [self._running[task] for task in late if task in self._running]
+    def _drop_queued(self) -> list[Window[PendingQuery]]:
+        return [self._windows.get_nowait() for _ in range(self._windows.qsize())]
+
+    async def _abandon_late(self, late: set[asyncio.Task[None]], reason: str) -> None:
+        # A window caught publishing gets a moment more: cut off, its queries could end up
+        # with its results and with `abandoned`.
+        publishing = late & self._publishing
+        if publishing:
+            _, still = await asyncio.wait(publishing, timeout=PUBLISHING_GRACE_S)
+            late = (late - publishing) | still
+        unpublished = [
+            self._running[task]
+            for task in late
+            if task in self._running and task not in self._publishing
+        ]
         leftovers = [item for window in unpublished for item in window.items]
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         if not leftovers:
             return
-        results = unserved_results(leftovers, Status.ABANDONED, SHUTDOWN_REASON, shadow_price=0.0)
+        results = unserved_results(leftovers, Status.ABANDONED, reason, shadow_price=0.0)
         try:  # bounded: SIGTERM ends the process; what is not published is re-read on restart
             await asyncio.wait_for(self._sink.publish_results(results), LAST_PUBLISH_S)
         except (TimeoutError, FatalPublishError) as exc:

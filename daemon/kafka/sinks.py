@@ -31,7 +31,7 @@ from aiokafka.errors import (
 from pydantic import BaseModel
 
 from daemon.core.ports import ResultSink
-from daemon.settings import Settings
+from daemon.settings import Scrubber, Settings
 from schemas.messages import MAX_REASON_CHARS, DeadLetter, QueryResult, WindowReport
 
 # Errors no retry can cure: the topic refuses these records whatever the daemon does.
@@ -72,23 +72,29 @@ class KafkaResultSink:
     def __init__(self, producer: AIOKafkaProducer, settings: Settings) -> None:
         self._producer = producer
         self._settings = settings
+        # A reason may quote a pod's error body, and a careless gateway echoes credentials.
+        self._scrubber = Scrubber(settings.secret_values())
+
+    def _encode(self, message: BaseModel) -> bytes:
+        value = _encode(message)
+        return self._scrubber.data(value) if self._scrubber else value
 
     async def publish_results(self, results: Sequence[QueryResult]) -> None:
         await self._send_all(
-            self._settings.result_topic, [(r.id.encode("utf-8"), _encode(r)) for r in results]
+            self._settings.result_topic,
+            [(r.id.encode("utf-8"), self._encode(r)) for r in results],
         )
 
     async def publish_dead_letters(self, records: Sequence[DeadLetter]) -> None:
         await self._send_all(
             self._settings.dlq_topic,
-            [((r.query_id or "").encode("utf-8") or None, _encode(r)) for r in records],
+            [((r.query_id or "").encode("utf-8") or None, self._encode(r)) for r in records],
         )
 
     async def publish_window(self, report: WindowReport) -> None:
         if self._settings.window_topic:
-            await self._send_all(
-                self._settings.window_topic, [(report.window_id.encode("utf-8"), _encode(report))]
-            )
+            key = report.window_id.encode("utf-8")
+            await self._send_all(self._settings.window_topic, [(key, self._encode(report))])
 
     async def _send_all(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
         # Queue every send first so the producer batches them, then wait for all acks; report

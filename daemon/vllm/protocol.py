@@ -244,6 +244,15 @@ def _index(choice: Mapping[str, Any]) -> int:
     return index
 
 
+def reported_generation(payload: bytes) -> int | None:
+    """`usage.completion_tokens` of a body that may be broken elsewhere (None: unreadable)."""
+    try:
+        _, generated = _usage(_load_object(payload).get("usage"))
+    except WireFormatError:
+        return None
+    return generated if generated >= 0 else None
+
+
 def _usage(value: object) -> tuple[int, int]:
     if not isinstance(value, dict):
         raise WireFormatError("usage", "must be an object")

@@ -22,8 +22,10 @@ SECURED_ENV = {
     "CLEAR_KAFKA_SASL_USERNAME": "alice",
     "CLEAR_KAFKA_SASL_PASSWORD": "s3cret-sasl",
     "CLEAR_VLLM_API_KEY": "sk-api-key",
-    "CLEAR_VLLM_ENDPOINTS": "http://bob:hunter2@pod-a:8000,http://pod-b:8000",
+    "CLEAR_VLLM_ENDPOINTS": "http://pod-a:8000,http://pod-b:8000",
 }
+# user:password@ in a URL instead of an API key (the two together are refused).
+URL_CREDENTIALS_ENV = {"CLEAR_VLLM_ENDPOINTS": "http://bob:hunter2@pod-a:8000,http://pod-b:8000"}
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +69,21 @@ def test_config_json_lists_every_setting_with_secrets_masked() -> None:
     assert set(values) == env_var_names()
     assert values["CLEAR_KAFKA_SASL_PASSWORD"] == "***"
     assert values["CLEAR_VLLM_API_KEY"] == "***"
-    assert values["CLEAR_VLLM_ENDPOINTS"] == ["http://***@pod-a:8000", "http://pod-b:8000"]
     assert values["CLEAR_KAFKA_SASL_USERNAME"] == "alice"
     assert values["CLEAR_TOKENS_PER_SECOND"] == 4000.0  # a default
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_config_masks_credentials_inside_urls(json_out: bool) -> None:
+    args = ("config", "--json") if json_out else ("config",)
+    code, stdout, stderr = invoke(*args, env=URL_CREDENTIALS_ENV)
+    assert (code, stderr) == (0, "")
+    assert "hunter2" not in stdout
+    if json_out:
+        endpoints = json.loads(stdout)["CLEAR_VLLM_ENDPOINTS"]
+        assert endpoints == ["http://***@pod-a:8000", "http://pod-b:8000"]
+    else:
+        assert "http://***@pod-a:8000" in stdout
 
 
 def test_config_json_shows_unset_secrets_as_null() -> None:
@@ -104,6 +118,9 @@ def test_config_table_masks_secrets_and_says_where_values_came_from(clean_env: P
         ({"CLEAR_KAFKA_SASL_USERNAME": "alice", "CLEAR_KAFKA_SASL_PASSWORD": "hunter2"},
          "CLEAR_KAFKA_SASL_USERNAME/CLEAR_KAFKA_SASL_PASSWORD are set but"),
         ({"CLEAR_VLLM_ENDPOINTS": "http://bob:hunter2@pod-a:8000?x=1"}, "CLEAR_VLLM_ENDPOINTS"),
+        ({**URL_CREDENTIALS_ENV, "CLEAR_VLLM_API_KEY": "hunter2-key"},
+         "CLEAR_VLLM_ENDPOINTS carries user:password@ and CLEAR_VLLM_API_KEY is set"),
+        ({"CLEAR_KAFKA_BOOTSTRAP": "bob:hunter2@kafka:9092"}, "CLEAR_KAFKA_BOOTSTRAP: brokers"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("json_out", [False, True])

@@ -1,15 +1,27 @@
-"""The composition root's helpers: collector tuning, window id prefixes."""
+"""The composition root's helpers: collector tuning, window id prefixes, logging, health."""
 
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import re
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
+import structlog
 
-from daemon.app import GC_GEN0_THRESHOLD, tune_gc, window_id_prefix
+from daemon.app import (
+    GC_GEN0_THRESHOLD,
+    _readiness,
+    configure_logging,
+    tune_gc,
+    window_id_prefix,
+)
+from daemon.kafka.service import DaemonState
+from daemon.kafka.sinks import BrokerHealth
 from schemas.types import ID_PATTERN
 
 
@@ -35,3 +47,54 @@ def test_window_ids_name_the_replica_and_its_start() -> None:
     assert re.fullmatch(ID_PATTERN, f"{prefix}-12345")
     assert prefix.startswith(re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:100])
     assert re.search(r"-\d{8}T\d{6}Z$", prefix)
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:], root.level = handlers, level
+    structlog.configure(**config)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_logs_mask_the_secrets_in_every_field_and_in_library_records(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("DEBUG", ["s3cret-api-key"])
+    log = structlog.get_logger("clearbudget")
+    log.debug("vllm_error_body", body='{"detail": "key s3cret-api-key refused"}', n=3)
+    log.warning("nested", error=ValueError("s3cret-api-key"), where=["x", {"k": "s3cret-api-key"}])
+    try:
+        raise RuntimeError("bad key s3cret-api-key")
+    except RuntimeError:
+        log.exception("failed")
+        logging.getLogger("somelib").exception("library says s3cret-api-key")
+    out, err = capsys.readouterr()
+    assert "s3cret" not in out + err
+    events = [json.loads(line) for line in (out + err).splitlines()]
+    assert [e["event"] for e in events] == [
+        "vllm_error_body",
+        "nested",
+        "failed",
+        "library says ***",
+    ]
+    assert events[0]["body"] == '{"detail": "key *** refused"}'
+    assert events[0]["n"] == 3
+    assert events[1]["error"] == "ValueError('***')"
+    assert events[1]["where"] == ["x", {"k": "***"}]
+    assert "RuntimeError: bad key ***" in events[2]["exception"]
+    assert "RuntimeError: bad key ***" in events[3]["exception"]
+
+
+def test_readiness_gives_the_fatal_reason_while_the_daemon_drains() -> None:
+    fatal = "publishing refused: results: TopicAuthorizationFailedError: denied"
+    daemon = SimpleNamespace(
+        state=DaemonState(consuming=False, fatal_error=fatal), broker_health=BrokerHealth()
+    )
+    backend = SimpleNamespace(ready=lambda: True)
+    assert _readiness(daemon, backend) == fatal  # type: ignore[arg-type]
+    daemon.state.fatal_error = None
+    assert _readiness(daemon, backend) == "not consuming"  # type: ignore[arg-type]

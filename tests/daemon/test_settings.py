@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from daemon.settings import (
     ENV_PREFIX,
     SECRET_FIELDS,
+    Scrubber,
     Settings,
     SettingsError,
     env_var,
@@ -255,3 +258,91 @@ def test_errors_never_echo_url_credentials() -> None:
     assert "s3cret" not in text
     assert "hunter2" not in text
     assert "***@host:8000" in text
+
+
+@pytest.mark.parametrize(
+    "bootstrap",
+    ["svc:s3cret-pw@k1:9092", "SASL_SSL://svc:s3cret-pw@k1:9092", "k0:1,svc:s3,cret-pw@k1:9"],
+)
+def test_a_broker_list_with_credentials_is_refused_without_echoing_them(bootstrap: str) -> None:
+    message = problems_of({"CLEAR_KAFKA_BOOTSTRAP": bootstrap})
+    assert "CLEAR_KAFKA_BOOTSTRAP: brokers are plain host:port entries" in message
+    assert "CLEAR_KAFKA_SASL_PASSWORD" in message  # where credentials go instead
+    assert "s3" not in message
+    assert "cret-pw" not in message
+
+
+def test_a_malformed_url_with_credentials_is_not_echoed() -> None:
+    # The ',' in the password splits the list, so neither half can be masked as user:password@.
+    message = problems_of({"CLEAR_VLLM_ENDPOINTS": "http://u:pa,ss-word@vllm:8000"})
+    assert "CLEAR_VLLM_ENDPOINTS: an entry with user:password@ is not valid" in message
+    assert "pa" not in message.replace("password", "")
+    assert "ss-word" not in message
+
+
+def test_url_credentials_and_an_api_key_are_refused_together() -> None:
+    message = problems_of(
+        {"CLEAR_VLLM_ENDPOINTS": "http://u:s3cret@vllm:8000", "CLEAR_VLLM_API_KEY": "k3y-value"}
+    )
+    assert "CLEAR_VLLM_ENDPOINTS carries user:password@ and CLEAR_VLLM_API_KEY is set" in message
+    assert "s3cret" not in message
+    assert "k3y-value" not in message
+
+
+def test_secret_values_are_every_form_a_secret_travels_in() -> None:
+    settings = load_settings(
+        {
+            "CLEAR_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "CLEAR_KAFKA_SASL_USERNAME": "clear",
+            "CLEAR_KAFKA_SASL_PASSWORD": "hunter2-secret",
+            "CLEAR_VLLM_ENDPOINTS": "http://a:p%40ss-word@vllm-0:8000,http://t0ken-only@vllm-1:8000",
+        }
+    )
+    assert settings.secret_values() == (
+        "hunter2-secret",
+        "p%40ss-word", "p@ss-word", base64.b64encode(b"a:p@ss-word").decode(),
+        "t0ken-only", base64.b64encode(b"t0ken-only:").decode(),
+    )  # fmt: skip
+    assert load_settings({}).secret_values() == ()
+
+
+def test_the_scrubber_masks_exact_values_also_as_json_writes_them() -> None:
+    scrubber = Scrubber(['k"3y\\é-long', 'k"3y', "abc"])
+    assert scrubber  # "abc" is too short to look for: masking it would maul the logs
+    assert scrubber.text('auth k"3y\\é-long and k"3y, abc') == "auth *** and ***, abc"
+    for ensure_ascii in (True, False):
+        escaped = json.dumps({"reason": 'key k"3y\\é-long'}, ensure_ascii=ensure_ascii)
+        assert json.loads(scrubber.text(escaped)) == {"reason": "key ***"}
+        assert json.loads(scrubber.data(escaped.encode())) == {"reason": "key ***"}
+    assert not Scrubber(["", "ab"])
+
+
+def test_tag_budgets_parse_and_empty_means_none(clean_environ: Path) -> None:
+    settings = load_settings({"CLEAR_TAG_BUDGETS": "tenant=acme:0.3, tenant=beta:0.2"})
+    assert settings.tag_budgets is not None
+    assert settings.tag_budgets.keys == ("tenant=acme", "tenant=beta")
+    assert settings.model_dump(mode="json")["tag_budgets"] == "tenant=acme:0.3,tenant=beta:0.2"
+    assert load_settings({"CLEAR_TAG_BUDGETS": ""}).tag_budgets is None
+    assert load_settings({}).tag_budgets is None
+    (clean_environ / ".env").write_text("CLEAR_TAG_BUDGETS=tenant=acme:1\n")
+    from_file = load_settings(env_file=clean_environ / ".env")
+    assert from_file.tag_budgets is not None
+    assert from_file.tag_budgets.keys == ("tenant=acme",)
+
+
+@pytest.mark.parametrize(
+    ("value", "entry"),
+    [
+        ("tenant=acme:1.5", "'tenant=acme:1.5'"),
+        ("tenant=acme:0.3,beta", "'beta'"),
+        ("tenant=acme:0.3,tenant=acme:0.2", "'tenant=acme:0.2'"),
+        ("tenant=acme:0.6,tenant=beta:0.6", "add up to 1.2"),
+    ],
+)
+def test_a_bad_tag_budget_names_the_variable_and_the_entry(value: str, entry: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"CLEAR_TAG_BUDGETS": value})
+    (problem,) = caught.value.problems  # one line
+    assert problem.startswith("CLEAR_TAG_BUDGETS: ")
+    assert entry in problem
+    assert "\n" not in problem

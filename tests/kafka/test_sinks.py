@@ -102,3 +102,20 @@ async def test_a_refusing_window_topic_drops_the_report_and_blocks_nothing() -> 
     )
     await asyncio.wait_for(sink(producer).publish_window(report), 5)
     assert producer.acked == []
+
+
+async def test_configured_secrets_are_masked_in_every_record() -> None:
+    key = 'k3y-"quoted"-é'  # JSON escapes the quotes; pydantic writes the é as is
+    settings = load_settings(
+        {
+            "CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1",
+            "CLEAR_VLLM_API_KEY": key,
+            "CLEAR_WINDOW_TOPIC": "clear.windows",
+        },
+        env_file=None,
+    )
+    producer = FakeProducer()
+    echoed = result(1).model_copy(update={"reason": f"HTTP 500: key {key} refused"})
+    await KafkaResultSink(producer, settings).publish_results([echoed])  # type: ignore[arg-type]
+    ((_, value),) = producer.acked
+    assert QueryResult.model_validate_json(value).reason == "HTTP 500: key *** refused"

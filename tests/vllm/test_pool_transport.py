@@ -288,6 +288,42 @@ async def test_a_malformed_answer_is_retried_as_bad_response(
     assert outcomes(registry, failed) == {"bad_response": 1}
 
 
+async def test_tokens_of_a_garbled_answer_are_charged_on_the_next(
+    transport: FakeTransport, registry: CollectorRegistry
+) -> None:
+    """A 200 the pool cannot use was still generated: its usage (two chains, 2 tokens here)
+    rides on the answer that is used, so the query is charged for both."""
+
+    async def two_choices(post: Post) -> tuple[int, bytes]:
+        return await ok(Post(post.endpoint, post.body | {"n": 2}, post.headers, post.timeout_s))
+
+    transport.respond = first_then_ok(two_choices)
+    completion = await make_pool(transport, registry).complete("hi", n=1, max_tokens=4)
+    assert (completion.completion_tokens, completion.discarded_tokens) == (1, 2)
+
+
+async def test_an_unreadable_answer_is_charged_its_whole_allowance(
+    transport: FakeTransport, registry: CollectorRegistry
+) -> None:
+    async def garbled(post: Post) -> tuple[int, bytes]:
+        return 200, b'{"choices": [tru'
+
+    transport.respond = garbled
+    pool = make_pool(transport, registry, max_attempts=2, outage_wait_s=0)  # fail, not wait
+    with pytest.raises(BackendError) as failure:
+        await pool.complete("hi", n=3, max_tokens=10)
+    assert failure.value.discarded_tokens == 2 * 3 * 10  # both attempts, n x max_tokens each
+
+
+async def test_errors_without_an_answer_charge_nothing(
+    transport: FakeTransport, registry: CollectorRegistry
+) -> None:
+    transport.respond = status(503)
+    with pytest.raises(BackendError) as failure:
+        await make_pool(transport, registry, outage_wait_s=0).complete("hi", n=1, max_tokens=4)
+    assert failure.value.discarded_tokens == 0
+
+
 async def test_a_closed_pool_refuses_without_sending(
     transport: FakeTransport, registry: CollectorRegistry
 ) -> None:
