@@ -260,8 +260,12 @@ async def start_reader(settings: Settings, topic_fields: Sequence[str]) -> AIOKa
     return consumer
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def ensure_topics(settings: Settings, topics: Sequence[str], partitions: int = 1) -> None:
+    """Create those of `topics` that do not exist (replay and the demo), with the daemon's
+    TLS/SASL settings."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, **security_options(settings)
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

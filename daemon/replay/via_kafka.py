@@ -1,17 +1,22 @@
 """Replay through the real daemon path: produce the trace into Kafka at recorded pace, run the
-daemon (consumer, windows, pipeline, HTTP backend pool), and read the results topic back."""
+daemon (consumer, windows, pipeline, HTTP backend pool), and read the results topic back.
+
+Every run tags its query ids with a run id (`<run>.<id>`) and reads back only results with
+that tag, so results of earlier runs on the same topics are never scored; all clients use the
+daemon's TLS/SASL settings."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from daemon.app import run_daemon
-from daemon.kafka.clients import ensure_topics
+from daemon.kafka.clients import ensure_topics, make_producer, make_reader
 from daemon.kafka.service import Daemon
 from daemon.replay.config import ReplayConfig, ReplayQuery, make_policy, trace_span
 from daemon.replay.report import ReplayReport, score
@@ -35,19 +40,20 @@ async def replay_via_kafka(
     `config`'s policy against `settings.vllm_endpoints`, and score the results topic."""
     started = time.perf_counter()
     topics = [settings.input_topic, settings.result_topic, settings.dlq_topic]
-    await ensure_topics(settings.kafka_bootstrap, topics)
+    await ensure_topics(settings, topics)
+    run_id = f"r{time.time_ns():x}"
+    queries = [
+        replace(q, request=q.request.model_copy(update={"id": f"{run_id}.{q.request.id}"}))
+        for q in queries
+    ]
     stop = asyncio.Event()
     policy = make_policy(config, pool, queries)
     started_daemon: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
     daemon_task = asyncio.create_task(
         run_daemon(settings, stop, policy=policy, on_start=started_daemon.set_result)
     )
-    reader = AIOKafkaConsumer(
-        settings.result_topic,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    reader = make_reader(settings)  # no group: reads from the start, commits nothing
+    reader.subscribe([settings.result_topic])
     await reader.start()
     try:
         # The budget accrues in wall-clock time: start the trace once the daemon holds partitions.
@@ -71,7 +77,7 @@ async def replay_via_kafka(
 async def _produce_at_pace(
     queries: Sequence[ReplayQuery], settings: Settings, speedup: float
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    producer = make_producer(settings, idempotent=False)  # the daemon's client, TLS/SASL included
     await producer.start()
     try:
         t0, first = time.monotonic(), queries[0].arrival if queries else 0.0
@@ -79,10 +85,9 @@ async def _produce_at_pace(
             delay = (query.arrival - first) / speedup - (time.monotonic() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
+            request = query.request
             await producer.send(
-                settings.input_topic,
-                query.request.model_dump_json().encode(),
-                key=query.request.id.encode(),
+                settings.input_topic, request.model_dump_json().encode(), key=request.id.encode()
             )
         await producer.flush()
     finally:

@@ -3,14 +3,16 @@ through a callback; one run through a real embedded broker."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 import daemon.replay.demo
 from daemon.replay.config import ReplayConfig, draw_queries
-from daemon.replay.demo import run_demo
-from daemon.replay.embedded import BrokerStartError
+from daemon.replay.demo import demo_settings, replay_with_simulator, run_demo
+from daemon.replay.embedded import BrokerStartError, start_embedded_broker
+from daemon.replay.report import ReplayReport
 from daemon.replay.rollouts import load_rollouts
 from daemon.replay.traces import read_trace
 
@@ -64,3 +66,29 @@ def test_demo_runs_both_policies_through_kafka(inputs) -> None:
         # exceed it: its windows keep earning while the results drain).
         assert report.budget_tokens == pytest.approx(500 * 60, rel=1e-6)
         assert report.tokens_total > 0
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_replays_on_the_same_topics_score_only_their_own_results(inputs) -> None:
+    """`replay --kafka` against one set of topics, twice: the second run (clear, which probes)
+    must not score the first run's results (uniform, which never probes), though the
+    recorded query ids are the same."""
+    pool, queries = inputs
+    broker = start_embedded_broker()
+    try:
+        base = demo_settings(broker.bootstrap, "shared")
+
+        async def both() -> list[ReplayReport]:
+            return [
+                await replay_with_simulator(queries, pool, config, base, speedup=20.0)
+                for config in CONFIGS
+            ]
+
+        first, second = asyncio.run(both())
+    finally:
+        broker.stop()
+    assert (first.policy, first.tokens_probe) == ("uniform", 0)
+    assert second.policy == "clear"
+    assert second.queries == 60
+    assert second.tokens_probe > 0  # its own results, not the first run's
