@@ -16,11 +16,15 @@ cut at its allocation).
 
 Prompts carry the records' problem texts; `--hint-field FIELD` replays that record field as
 `difficulty_hint`; `--benchmark NAME` keeps only that benchmark's records. A pool whose records
-hold one chain replays one lap (a second would replay identical chains).
+hold one chain replays one lap (a second would replay identical chains). `--feedback` plays the
+downstream grader through the same replay path as `clearbudget replay --feedback`: each
+answered query's recorded grade reaches the policy `--feedback-delay` stream seconds (one
+second per arrival) after its window.
 
     python benchmarks/quality_bench.py --seeds 5
     python benchmarks/quality_bench.py --rollouts data/rollouts-math500-gsm8k.jsonl \
         --benchmark math500 --hint-field level --budgets 150 250 400
+    python benchmarks/quality_bench.py --seeds 1 --passes 1 --budgets 250 500 1000 --feedback
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ def run_clear(
     passes: int,
     window: int,
     extras: RecordExtras | None = None,
+    feedback_delay: float | None = None,
 ) -> ReplayReport:
+    """`feedback_delay`: graded feedback after that many stream seconds (None: none)."""
     queries = laps(pool, passes, seed, extras)
     config = ReplayConfig(
         policy="clear",
@@ -90,6 +96,8 @@ def run_clear(
         window_max_queries=window,
         probe=plan,
         hint_field=extras.hint_field if extras else None,
+        feedback=feedback_delay is not None,
+        feedback_delay=feedback_delay or 0.0,
     )
     return asyncio.run(replay(queries, pool, config))
 
@@ -102,13 +110,15 @@ def evaluate(
     passes: int,
     window: int,
     extras: RecordExtras | None = None,
+    feedback_delay: float | None = None,
 ) -> list[dict[str, float]]:
     rows = []
     for bpq in budgets:
         runs = [
-            run_clear(pool, bpq, plan, seed=s, passes=passes, window=window, extras=extras)
+            run_clear(pool, bpq, plan, seed=s, passes=passes, window=window, extras=extras,
+                      feedback_delay=feedback_delay)
             for s in seeds
-        ]
+        ]  # fmt: skip
         rows.append(_row(pool, bpq, runs))
     return rows
 
@@ -163,7 +173,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--passes", type=int, help="laps over the pool (default 3; 1 for one-chain "
                                                "pools, which allow no more)")  # fmt: skip
     ap.add_argument("--window", type=int, default=64)
+    ap.add_argument(
+        "--feedback",
+        action="store_true",
+        help="graded feedback from the recorded grades (replay's --feedback)",
+    )
+    ap.add_argument("--feedback-delay", type=float, default=0.0,
+                    help="--feedback: stream seconds from an answer to its grade (one second "
+                         "per arrival; default 0: before the next window)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.feedback_delay < 0:
+        ap.error("--feedback-delay must be >= 0")
+    delay = args.feedback_delay if args.feedback else None
     # The pipeline logs each window at INFO; the table is the output here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     pool, extras = load_pool(args.rollouts.resolve(), args.benchmark, args.hint_field)
@@ -172,10 +193,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if lap_error is not None:
         ap.error(lap_error.replace("--limit", "--passes 1, not more:").split(";")[0])
     plan = ProbePlan(args.probe_samples, args.probe_tokens)
+    graded = "off" if delay is None else f"on (delay {delay:g} s)"
     print(f"pool {pool.source}: {len(pool)} records x {pool.tokens.shape[1]} chains, {passes} "
-          f"lap(s), hints: {args.hint_field or 'off'}\n")  # fmt: skip
+          f"lap(s), hints: {args.hint_field or 'off'}, feedback: {graded}\n")  # fmt: skip
     t0 = time.perf_counter()
-    rows = evaluate(pool, args.budgets, plan, range(args.seeds), passes, args.window, extras)
+    rows = evaluate(pool, args.budgets, plan, range(args.seeds), passes, args.window, extras,
+                    delay)  # fmt: skip
     print(format_table(rows))
     solve_ms = np.mean([r["solve_ms"] for r in rows])
     seconds = np.mean([r["seconds"] for r in rows])

@@ -6,7 +6,10 @@ recorded-rollout simulator (all on loopback), under three traffic shapes:
 - `backlog`: a large batch queued before the daemon starts; measured for a fixed time;
 - `rolling`: two replicas share a steady stream and each is restarted in turn (SIGTERM, then a
   fresh process), as a rolling update does: nothing may be lost and no id may get two
-  different statuses.
+  different statuses;
+- `outage`: a steady stream whose only vLLM pod (a simulator of its own) is down for
+  `--outage-seconds` mid-stream, then back on the same port: nothing may fail or be lost, and
+  the pause must show in /readyz and the outage gauge.
 
 For each it reports the tokens generated (every result's `tokens_used`, probes included) against
 what the budget allowed over the span (rate × span + one carry cap), the spend rate, the
@@ -14,7 +17,7 @@ statuses, how many queries were abandoned on windows that could not pay one prob
 daemon's peak RSS. The spend ratio must stay ≤ 1.01; in a backlog the spend rate should sit at
 the configured rate.
 
-    python benchmarks/trust_bench.py --scenarios burst steady backlog rolling
+    python benchmarks/trust_bench.py --scenarios burst steady backlog rolling outage
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -122,6 +127,8 @@ async def run_scenario(name: str, args: argparse.Namespace, bootstrap: str, sim_
     topics = [f"trust.{run_id}.{t}" for t in ("queries", "results", "dlq")]
     if name == "rolling":
         return await run_rolling(args, bootstrap, sim_url, run_id, topics)
+    if name == "outage":
+        return await run_outage(args, bootstrap, run_id, topics)
     await create_topics(bootstrap, topics, args.partitions)
     port = free_loopback_port()
     window_queries = {"burst": 100}.get(name, args.window_max_queries)
@@ -214,6 +221,82 @@ async def run_rolling(
     }
 
 
+def start_pod(port: int) -> subprocess.Popen[bytes]:
+    pod = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for_port("127.0.0.1", port, 60, pod)
+    return pod
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def run_outage(
+    args: argparse.Namespace, bootstrap: str, run_id: str, topics: list[str]
+) -> dict:
+    """The only pod down for `outage_seconds`, a third of the way into a steady stream."""
+    await create_topics(bootstrap, topics, args.partitions)
+    pod_port, port = free_loopback_port(), free_loopback_port()
+    pod = start_pod(pod_port)
+    env = daemon_env(
+        args, bootstrap, f"http://127.0.0.1:{pod_port}", run_id, topics, port,
+        args.window_max_queries,
+    )  # fmt: skip
+    daemon = start_daemon(env, port)
+    count = int(args.steady_rate * args.steady_seconds)
+    values = query_values(run_id, count, seed=11)
+    seen: dict[str, object] = {}
+    try:
+        await asyncio.sleep(args.idle_seconds)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        producing = loop.create_task(produce(bootstrap, topics[0], values, rate=args.steady_rate))
+        await asyncio.sleep(args.steady_seconds / 3)
+        pod.kill()
+        pod.wait(10)
+        down_at = time.perf_counter()
+        while time.perf_counter() - down_at < args.outage_seconds:
+            await asyncio.sleep(1.0)
+            ready, body = http_get(port, "/readyz")
+            if ready != 200 and "readyz_not_ready_after_s" not in seen:
+                seen["readyz_not_ready_after_s"] = round(time.perf_counter() - down_at, 1)
+                seen["readyz_reason"] = body[:120]
+            _, metrics = http_get(port, "/metrics")
+            if "clear_backend_outage 1.0" in metrics and "outage_gauge_after_s" not in seen:
+                seen["outage_gauge_after_s"] = round(time.perf_counter() - down_at, 1)
+        pod = start_pod(pod_port)
+        await producing
+        results = await collect(
+            bootstrap, topics[1], count, started + args.steady_seconds + args.timeout,
+            unique=True,
+        )  # fmt: skip
+        ready_after, _ = http_get(port, "/readyz")
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        pod.terminate()
+        pod.wait(30)
+    statuses = Counter(r.status.value for _, r in results)
+    return {
+        "scenario": "outage",
+        "queries": count,
+        "outage_s": args.outage_seconds,
+        "results": len(results),
+        "lost": count - len({r.id for _, r in results}),
+        "statuses": dict(statuses),
+        **seen,
+        "readyz_after": ready_after,
+    }
+
+
 def summarise(
     name: str,
     args: argparse.Namespace,
@@ -272,6 +355,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--backlog-seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--outage-seconds", type=float, default=20.0)
     parser.add_argument(
         "--min-tokens-per-query", type=int, default=None,
         help="CLEAR_MIN_TOKENS_PER_QUERY for the daemon (default: the daemon's own default)",

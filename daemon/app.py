@@ -18,6 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from daemon.core.budget import BudgetLedger
+from daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
 from daemon.core.metrics import PipelineMetrics
 from daemon.core.pipeline import WindowPipeline
 from daemon.core.policies import AllocationPolicy, ClearPolicy
@@ -25,6 +26,12 @@ from daemon.core.ports import CompletionBackend
 from daemon.core.tag_spend import TagSpendPipeline
 from daemon.http_server import HealthChecks, start_http_server
 from daemon.kafka.clients import start_clients, window_reports_possible
+from daemon.kafka.feedback import (
+    FeedbackLoop,
+    holds_first_partition,
+    start_feedback_consumer,
+    stop_feedback,
+)
 from daemon.kafka.intake import Intake, IntakeLimits
 from daemon.kafka.service import Daemon
 from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
@@ -128,6 +135,8 @@ def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
         request_timeout_s=settings.request_timeout_seconds,
         max_attempts=settings.request_retries + 1,
         outage_wait_s=settings.vllm_outage_wait_seconds,
+        discovery=settings.vllm_discovery,
+        discovery_interval_s=settings.vllm_discovery_interval_seconds,
     )
 
 
@@ -152,16 +161,22 @@ async def run_daemon(
         if backend is None:
             pool = build_backend(settings, registry)
             stack.push_async_callback(pool.aclose)
+            await pool.start()  # DNS discovery: the first lookup, so the pods are known at once
             backend = pool
         consumer, producer = await start_clients(settings, log)
         stack.push_async_callback(producer.stop)
         stack.push_async_callback(consumer.stop)
         if not await window_reports_possible(settings, consumer, log):
             settings = settings.model_copy(update={"window_topic": None})
+        feedback_consumer = None
+        if settings.feedback_topic:
+            feedback_consumer = await start_feedback_consumer(settings, log)
+            stack.push_async_callback(feedback_consumer.stop)
         # One policy, so one long-lived cvxpy allocator, for the life of the process.
         policy = policy or ClearPolicy(
             ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
             tag_budgets=tag_budgets, tag_metrics=metrics.tags,
+            remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
         )  # fmt: skip
         cap = settings.max_tokens_per_query
         pipeline = WindowPipeline(backend, policy, metrics, max_tokens_per_query=cap)
@@ -170,10 +185,11 @@ async def run_daemon(
                 backend, policy, metrics, tag_budgets=tag_budgets, max_tokens_per_query=cap
             )
         health = BrokerHealth()
+        sink = RetryingSink(KafkaResultSink(producer, settings), health, logger=log)
         daemon = Daemon(
             broker_health=health,
             consumer=consumer,
-            sink=RetryingSink(KafkaResultSink(producer, settings), health, logger=log),
+            sink=sink,
             pipeline=pipeline,
             ledger=BudgetLedger(settings.tokens_per_second, settings.carry_over_cap_tokens),
             intake=Intake(IntakeLimits(max_prompt_bytes=settings.max_prompt_bytes)),
@@ -199,9 +215,23 @@ async def run_daemon(
         log.info(
             "started", input_topic=settings.input_topic, endpoints=len(settings.vllm_endpoints)
         )
+        feedback = None
+        if feedback_consumer is not None:
+            reader = FeedbackLoop(
+                consumer=feedback_consumer, sink=sink, policy=policy,
+                intake=Intake(IntakeLimits(max_prompt_bytes=settings.max_prompt_bytes)),
+                metrics=metrics, on_fatal=daemon.publish_refused,
+                dead_letters_here=holds_first_partition(consumer, settings.input_topic), logger=log,
+            )  # fmt: skip
+            feedback_stop = asyncio.Event()
+            feedback = (asyncio.create_task(reader.run(feedback_stop)), feedback_stop)
         if on_start is not None:
             on_start(daemon)
-        await daemon.run(stop)
+        try:
+            await daemon.run(stop)
+        finally:
+            if feedback is not None:
+                await stop_feedback(*feedback)
         log.info("stopped", windows=daemon.state.windows_done)
     return daemon
 

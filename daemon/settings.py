@@ -42,6 +42,9 @@ DEFAULT_ENV_FILE = Path(".env")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+# How CLEAR_VLLM_ENDPOINTS become endpoints (daemon.vllm.pool.Discovery): "none", one per URL;
+# "dns", one per address its host name resolves to (a headless Service: one per ready pod).
+VllmDiscovery = Literal["none", "dns"]
 
 # Kafka's own rule for topic names (legal characters, at most 249 of them).
 _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -96,6 +99,10 @@ class Settings(BaseSettings):
     window_topic: str | None = Field(
         default="clear.windows", description="Per-window reports; empty disables them."
     )
+    feedback_topic: str | None = Field(
+        default=None,
+        description="Graded feedback (Feedback messages) from a downstream grader; empty: none.",
+    )
     consumer_group: str = Field(default="clearbudget", min_length=1)
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism = "PLAIN"
@@ -123,6 +130,10 @@ class Settings(BaseSettings):
     request_retries: int = Field(default=2, ge=0, le=20)
     # While no pod can take work, a request waits this long for one to come back (0: fail).
     vllm_outage_wait_seconds: float = Field(default=600.0, ge=0)
+    vllm_discovery: VllmDiscovery = Field(
+        default="none", description="dns: one endpoint per address each host name resolves to."
+    )
+    vllm_discovery_interval_seconds: float = Field(default=10.0, gt=0)
 
     # --- Budget and windows ----------------------------------------------------------------
     tokens_per_second: float = Field(default=4000.0, gt=0, description="Global token budget.")
@@ -177,9 +188,9 @@ class Settings(BaseSettings):
     def _check_topic(cls, value: str) -> str:
         return _validate_topic(value)
 
-    @field_validator("window_topic", mode="before")
+    @field_validator("window_topic", "feedback_topic", mode="before")
     @classmethod
-    def _check_window_topic(cls, value: object) -> object:
+    def _check_optional_topic(cls, value: object) -> object:
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         if isinstance(value, str):
@@ -238,12 +249,18 @@ class Settings(BaseSettings):
     def _upper_case(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
 
+    @field_validator("vllm_discovery", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
         problems = [
             *self._topic_clashes(),
             *self._security_problems(),
             *self._budget_problems(),
+            *self._discovery_problems(),
         ]
         if problems:
             raise ValueError("; ".join(problems))
@@ -252,7 +269,7 @@ class Settings(BaseSettings):
     def _topic_clashes(self) -> list[str]:
         seen: dict[str, str] = {}
         clashes = []
-        for name in ("input_topic", "result_topic", "dlq_topic", "window_topic"):
+        for name in ("input_topic", "result_topic", "dlq_topic", "window_topic", "feedback_topic"):
             topic = getattr(self, name)
             if topic is None:
                 continue
@@ -306,6 +323,23 @@ class Settings(BaseSettings):
                 f"{env_var('probe_tokens')} ({self.probe_tokens}) exceeds "
                 f"{env_var('max_tokens_per_query')} ({self.max_tokens_per_query})"
             ]
+        return []
+
+    def _discovery_problems(self) -> list[str]:
+        if self.vllm_discovery != "dns":
+            return []
+        # A discovered pod is labelled host:port/path/address in the metrics: two URLs that
+        # differ only in scheme or credentials would give their pods the same labels.
+        seen: set[str] = set()
+        for url in self.vllm_endpoints:
+            parts = urlsplit(url)
+            key = parts.netloc.rpartition("@")[2] + parts.path
+            if key in seen:
+                return [
+                    f"{env_var('vllm_endpoints')} names {key} twice (scheme or credentials "
+                    f"apart), which {env_var('vllm_discovery')}=dns cannot tell apart"
+                ]
+            seen.add(key)
         return []
 
     @property

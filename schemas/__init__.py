@@ -3,26 +3,35 @@
 Regenerate the checked-in JSON Schema files with `python -m schemas.export`.
 """
 
+from schemas.feedback import Feedback
 from schemas.messages import (
     DEFAULT_MAX_PROMPT_BYTES,
     MAX_PROMPT_BYTES_CONTEXT_KEY,
+    REASON_STATUS,
+    Curve,
     DeadLetter,
     QueryRequest,
     QueryResult,
+    ReasonCode,
     Status,
     StatusCounts,
     WindowReport,
 )
-from schemas.types import ID_PATTERN, SCHEMA_VERSION
+from schemas.types import ID_PATTERN, RESULT_SCHEMA_VERSION, SCHEMA_VERSION
 
 __all__ = [
     "DEFAULT_MAX_PROMPT_BYTES",
     "ID_PATTERN",
     "MAX_PROMPT_BYTES_CONTEXT_KEY",
+    "REASON_STATUS",
+    "RESULT_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "Curve",
     "DeadLetter",
+    "Feedback",
     "QueryRequest",
     "QueryResult",
+    "ReasonCode",
     "Status",
     "StatusCounts",
     "WindowReport",

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.feedback import Feedback
 from schemas.messages import DeadLetter, QueryRequest, QueryResult, WindowReport
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -26,6 +27,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "query_result": QueryResult,
     "window_report": WindowReport,
     "dead_letter": DeadLetter,
+    "feedback": Feedback,
 }
 
 

@@ -1,12 +1,16 @@
 """The message models: what goes over Kafka, in and out of the daemon.
 
-Each model carries `schema_version` (currently 1) and forbids unknown fields. Validation is
-strict (see `schemas.types`): a wrong type is an error, never a silent coercion.
+Each model carries its own `schema_version` (QueryResult 2, the others 1; docs/contracts.md has
+every field and the version history) and forbids unknown fields. Validation is strict (see
+`schemas.types`): a wrong type is an error, never a silent coercion.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Annotated, Any, Self
 
 from pydantic import (
@@ -21,10 +25,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from schemas.types import (
+    RESULT_SCHEMA_VERSION,
     SCHEMA_VERSION,
     Id,
     NonNegativeFloat,
     NonNegativeInt,
+    ResultSchemaVersion,
     SchemaVersion,
     Tags,
     Text,
@@ -38,6 +44,8 @@ MAX_WEIGHT = 1e6
 MAX_TOKENS_CAP = 1 << 20
 MAX_REASON_CHARS = 2000
 MAX_TOPIC_CHARS = 249  # Kafka's own limit on topic names
+# expected_accuracy must be the curve's value at allocated_tokens, to float rounding.
+EXPECTED_ACCURACY_TOLERANCE = 1e-9
 
 
 class _Message(BaseModel):
@@ -58,6 +66,73 @@ class Status(StrEnum):
     EXPIRED = "expired"
     FAILED = "failed"
     REJECTED = "rejected"
+
+
+class ReasonCode(StrEnum):
+    """Why a query ended as it did: one code per way a query can end. Each code belongs to
+    exactly one status (`REASON_STATUS`); docs/contracts.md says where each is produced."""
+
+    # answered
+    CHAIN_FINISHED = "chain_finished"  # the dispatched chain finished within its allocation
+    PROBE_ANSWERED = "probe_answered"  # answered from the probe alone; nothing dispatched
+    CUT_WITH_PROBE_ANSWER = "cut_with_probe_answer"  # the chain ran out at its allocation;
+    # answered with what the finished probes agreed on
+    # abandoned
+    INSOLVENT = "insolvent"  # priced out by the window's solve: no continuation allocated
+    INSOLVENT_BEFORE_PROBE = "insolvent_before_probe"  # priced out on its predicted curve
+    # before a probe: nothing spent
+    CUT_AT_ALLOCATION = "cut_at_allocation"  # funded; the chain ran out at its allocation
+    CAP_SPENT_IN_PROBE = "cap_spent_in_probe"  # its own max_tokens ran out during the probe
+    SHUTDOWN = "shutdown"  # the daemon stopped before the query's window finished
+    HANDOVER = "handover"  # its partition moved to another replica before it finished
+    # expired
+    DEADLINE = "deadline"  # its deadline passed (before its window ran, or during a request)
+    # failed
+    BACKEND_FAILED = "backend_failed"  # its backend request failed after retries
+    BACKEND_INCONSISTENT = "backend_inconsistent"  # the backend's response broke the protocol
+    WINDOW_ERROR = "window_error"  # its window raised an internal error
+    # rejected
+    INVALID_INPUT = "invalid_input"  # the input record failed validation (also in the DLQ)
+
+    @property
+    def status(self) -> Status:
+        """The one status this code goes with."""
+        return REASON_STATUS[self]
+
+
+REASON_STATUS: Mapping[ReasonCode, Status] = MappingProxyType(
+    {
+        ReasonCode.CHAIN_FINISHED: Status.ANSWERED,
+        ReasonCode.PROBE_ANSWERED: Status.ANSWERED,
+        ReasonCode.CUT_WITH_PROBE_ANSWER: Status.ANSWERED,
+        ReasonCode.INSOLVENT: Status.ABANDONED,
+        ReasonCode.INSOLVENT_BEFORE_PROBE: Status.ABANDONED,
+        ReasonCode.CUT_AT_ALLOCATION: Status.ABANDONED,
+        ReasonCode.CAP_SPENT_IN_PROBE: Status.ABANDONED,
+        ReasonCode.SHUTDOWN: Status.ABANDONED,
+        ReasonCode.HANDOVER: Status.ABANDONED,
+        ReasonCode.DEADLINE: Status.EXPIRED,
+        ReasonCode.BACKEND_FAILED: Status.FAILED,
+        ReasonCode.BACKEND_INCONSISTENT: Status.FAILED,
+        ReasonCode.WINDOW_ERROR: Status.FAILED,
+        ReasonCode.INVALID_INPUT: Status.REJECTED,
+    }
+)
+
+# The code `QueryResult.unspent` gives a query that generated nothing, when not told one.
+UNSPENT_REASON_CODES: Mapping[Status, ReasonCode] = MappingProxyType(
+    {
+        Status.REJECTED: ReasonCode.INVALID_INPUT,
+        Status.FAILED: ReasonCode.WINDOW_ERROR,
+        Status.ABANDONED: ReasonCode.SHUTDOWN,
+        Status.EXPIRED: ReasonCode.DEADLINE,
+    }
+)
+
+
+def reason_codes_of(status: Status) -> tuple[ReasonCode, ...]:
+    """The codes a result of `status` may carry."""
+    return tuple(code for code, owner in REASON_STATUS.items() if owner is status)
 
 
 class QueryRequest(_Message):
@@ -114,26 +189,129 @@ def _max_prompt_bytes(context: Any) -> int:
     return DEFAULT_MAX_PROMPT_BYTES
 
 
+class Curve(_Message):
+    """A query's shifted-surge curve as the allocator used it: the expected accuracy of
+    continuing the query by b tokens (after its probe) is U(b) = A·(1 − exp(−β·(b − τ))) for
+    b > τ and 0 before. `A`, `tau`, `beta` as in `clearbudget solve`."""
+
+    A: float = Field(
+        ge=0, le=1, description="Solvable mass: the accuracy with unlimited continuation tokens."
+    )
+    tau: NonNegativeFloat = Field(
+        description="Emergence threshold: continuation tokens before any answer appears."
+    )
+    beta: float = Field(gt=0, description="Surge rate (1/tokens) once past tau.")
+
+    def value(self, tokens: float) -> float:
+        """U(tokens): the expected accuracy of `tokens` continuation tokens."""
+        past = max(tokens - self.tau, 0.0)
+        return self.A * -math.expm1(-self.beta * past)
+
+
+def _result_json_schema(schema: dict[str, Any]) -> None:
+    """What the pydantic schema cannot say: v2 needs a reason code that fits the status, v1
+    (older daemons) has none of the v2 fields, and expected_accuracy comes with a curve."""
+    v1_nulls = {"type": "null"}
+    by_status = [
+        {
+            "if": {
+                "properties": {
+                    "status": {"const": status.value},
+                    "reason_code": {"type": "string"},
+                },
+                "required": ["status", "reason_code"],
+            },
+            "then": {"properties": {"reason_code": {"enum": list(reason_codes_of(status))}}},
+        }
+        for status in Status
+    ]
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"schema_version": {"const": 1}}, "required": ["schema_version"]},
+            "then": {
+                "properties": dict.fromkeys(("reason_code", "curve", "expected_accuracy"), v1_nulls)
+            },
+            "else": {
+                "required": ["reason_code"],
+                "properties": {"reason_code": {"type": "string"}},
+            },
+        },
+        {
+            "if": {"properties": {"curve": {"type": "object"}}, "required": ["curve"]},
+            "then": {
+                "required": ["expected_accuracy"],
+                "properties": {"expected_accuracy": {"type": "number"}},
+            },
+            "else": {"properties": {"expected_accuracy": v1_nulls}},
+        },
+        *by_status,
+    ]
+
+
 class QueryResult(_Message):
     """The one terminal outcome of a query, published on the result topic keyed by `id`.
 
     `shadow_price` and `window_id` are always present but null when the query never reached
-    a solved window (e.g. rejected at the edge). `tokens_used` counts every generated token,
-    probes included.
+    a solved window (e.g. rejected at the edge). Tokens: `tokens_used` = `tokens_probe` + the
+    continuation's tokens; `allocated_tokens` is the continuation's budget only, so
+    `tokens_used` may exceed it by the probe (and by attempts a backend retried, which are
+    charged too). Version 2 added `reason_code`, `curve` and `expected_accuracy`; a version 1
+    result (an older daemon's) has none of them.
     """
 
-    schema_version: SchemaVersion = SCHEMA_VERSION
-    id: Id
+    model_config = ConfigDict(json_schema_extra=_result_json_schema)
+
+    schema_version: ResultSchemaVersion = Field(
+        default=RESULT_SCHEMA_VERSION,
+        description="2 (this version). 1: written by daemons before reason codes; still read.",
+    )
+    id: Id = Field(description="The query's id (also the record key).")
     # Lax here only: results are read back from JSON, where an enum is a plain string.
-    status: Annotated[Status, Strict(False)]
-    answer: Text | None = None
-    text: Text | None = None
-    tokens_used: NonNegativeInt
-    tokens_probe: NonNegativeInt
-    allocated_tokens: NonNegativeInt
-    shadow_price: NonNegativeFloat | None
-    window_id: Id | None
-    reason: Annotated[Text, Field(min_length=1, max_length=MAX_REASON_CHARS)] | None = None
+    status: Annotated[Status, Strict(False)] = Field(
+        description="The terminal outcome; `reason_code` says which way it was reached."
+    )
+    answer: Text | None = Field(
+        default=None, description="The final answer extracted from the text, if any."
+    )
+    text: Text | None = Field(
+        default=None, description="The generated chain the answer came from (may be cut)."
+    )
+    tokens_used: NonNegativeInt = Field(
+        description="Every token generated for this query and charged to the budget: "
+        "tokens_probe plus the continuation's tokens (attempts a backend retried included). "
+        "May exceed allocated_tokens by the probe."
+    )
+    tokens_probe: NonNegativeInt = Field(
+        description="Tokens of the probe (all its samples); part of tokens_used."
+    )
+    allocated_tokens: NonNegativeInt = Field(
+        description="The continuation budget the allocator gave this query (the dispatch "
+        "request's max_tokens), probe not included; 0 when nothing was dispatched."
+    )
+    shadow_price: NonNegativeFloat | None = Field(
+        description="λ of the query's window (value per token at the margin); null when the "
+        "query never reached a solved window."
+    )
+    window_id: Id | None = Field(description="The window that served the query; null if none.")
+    reason: Annotated[Text, Field(min_length=1, max_length=MAX_REASON_CHARS)] | None = Field(
+        default=None,
+        description="Human-readable detail of the outcome; required when failed or rejected.",
+    )
+    reason_code: Annotated[ReasonCode, Strict(False)] | None = Field(
+        default=None,
+        description="Which way the query ended (one of its status's codes); required from "
+        "version 2, absent in version 1.",
+    )
+    curve: Curve | None = Field(
+        default=None,
+        description="The curve the allocator priced this query on; null when it was not "
+        "priced on one (a baseline policy, answered or ended before the solve, rejected).",
+    )
+    expected_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="curve's value at allocated_tokens: the accuracy the allocator expected "
+        "of this allocation; null exactly when curve is null.",
+    )
 
     @classmethod
     def unspent(
@@ -144,9 +322,12 @@ class QueryResult(_Message):
         *,
         window_id: str | None = None,
         shadow_price: float | None = None,
+        reason_code: ReasonCode | None = None,
     ) -> QueryResult:
         """The result of a query that generated no tokens (rejected, or never served); the
-        reason is clipped to the schema's limit."""
+        reason is clipped to the schema's limit. `reason_code` defaults by status
+        (`UNSPENT_REASON_CODES`: rejected → invalid_input, failed → window_error, abandoned →
+        shutdown, expired → deadline)."""
         return cls(
             id=query_id,
             status=status,
@@ -156,6 +337,7 @@ class QueryResult(_Message):
             shadow_price=shadow_price,
             window_id=window_id,
             reason=reason[:MAX_REASON_CHARS],
+            reason_code=reason_code or UNSPENT_REASON_CODES[status],
         )
 
     @model_validator(mode="after")
@@ -172,7 +354,47 @@ class QueryResult(_Message):
             raise PydanticCustomError("tokens", "a rejected query cannot have used tokens")
         if self.status is Status.ABANDONED and self.shadow_price is None:
             raise PydanticCustomError("shadow_price", "an abandoned query needs its shadow_price")
+        self._check_reason_code()
+        self._check_curve()
         return self
+
+    def _check_reason_code(self) -> None:
+        if self.schema_version == 1:
+            if (self.reason_code, self.curve, self.expected_accuracy) != (None, None, None):
+                raise PydanticCustomError(
+                    "schema_version",
+                    "a version 1 result has no reason_code, curve or expected_accuracy",
+                )
+            return
+        if self.reason_code is None:
+            raise PydanticCustomError("reason_code", "reason_code is required (version 2)")
+        if self.reason_code.status is not self.status:
+            raise PydanticCustomError(
+                "reason_code",
+                "reason_code {code} belongs to status {owner}, not {status}",
+                {
+                    "code": self.reason_code.value,
+                    "owner": self.reason_code.status.value,
+                    "status": self.status.value,
+                },
+            )
+
+    def _check_curve(self) -> None:
+        if self.curve is None:
+            if self.expected_accuracy is not None:
+                raise PydanticCustomError("curve", "expected_accuracy needs the curve it is of")
+            return
+        if self.expected_accuracy is None:
+            raise PydanticCustomError("curve", "a result with a curve needs expected_accuracy")
+        expected = self.curve.value(self.allocated_tokens)
+        if not math.isclose(
+            self.expected_accuracy, expected, rel_tol=0.0, abs_tol=EXPECTED_ACCURACY_TOLERANCE
+        ):
+            raise PydanticCustomError(
+                "curve",
+                "expected_accuracy {got} is not the curve's value {want} at allocated_tokens",
+                {"got": self.expected_accuracy, "want": expected},
+            )
 
 
 class StatusCounts(_Message):

@@ -8,13 +8,17 @@ can smuggle in and which cannot be re-encoded as UTF-8 later).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+# Each message type has its own version, bumped when that message changes (docs/contracts.md).
+# QueryRequest, WindowReport and DeadLetter are at 1; QueryResult is at 2 and still reads 1.
 SCHEMA_VERSION: Literal[1] = 1
+RESULT_SCHEMA_VERSION: Literal[2] = 2
 
 ID_PATTERN = r"^[A-Za-z0-9._:@/+=~-]{1,200}$"
 ID_RULE = "must be 1-200 characters from A-Z a-z 0-9 . _ : @ / + = ~ -"
@@ -25,11 +29,16 @@ MAX_TAGS = 16
 MAX_EPOCH_SECONDS = 253_402_300_799
 
 
-def _require_plain_int(value: Any) -> Any:
+def _plain_int(versions: str) -> Callable[[Any], Any]:
     """Literal[1] alone would accept True and 1.0; a version must be the integer itself."""
-    if type(value) is not int:
-        raise PydanticCustomError("schema_version", "must be the integer 1")
-    return value
+
+    def require_plain_int(value: Any) -> Any:
+        if type(value) is not int:
+            message = "must be the integer {versions}"
+            raise PydanticCustomError("schema_version", message, {"versions": versions})
+        return value
+
+    return require_plain_int
 
 
 def _require_valid_unicode(value: str) -> str:
@@ -94,7 +103,9 @@ def _parse_timestamp(value: Any) -> datetime:
     raise PydanticCustomError("timestamp", "must be an RFC 3339 string or epoch seconds")
 
 
-SchemaVersion = Annotated[Literal[1], BeforeValidator(_require_plain_int)]
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_plain_int("1"))]
+# QueryResult: 2 is written; 1 (results published before reason codes and curves) is still read.
+ResultSchemaVersion = Annotated[Literal[1, 2], BeforeValidator(_plain_int("1 or 2"))]
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 

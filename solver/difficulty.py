@@ -22,6 +22,11 @@ What an online system knows of a query before running it, and what it makes of i
 `p` tokens long (and not finished) ends within b more tokens with an answer (times the
 agreement factor), on a fixed grid of b. A query's own outcome is never read: `observe` is
 called once its chain is over, and only later queries see it.
+
+Graded feedback (`grade`): where a downstream grader says whether a query's answer was right,
+correctness replaces "an answer was extracted" for that query's chains. `observe` returns an
+`Observation` of each chain (no prompt text, a few integers); `grade(observations, correct)`
+corrects what those observations already taught, so nothing is counted twice (see `grade`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from solver.answers import normalize_answer
 from solver.hazards import DEFAULT_LEVELS, HazardBook
 from solver.memory import (
     ANSWER,
+    ANSWERED,
     CURVE,
     FINISHED,
     MASKED_LEVELS,
@@ -64,6 +70,7 @@ __all__ = [
     "HINT_LEVEL",
     "DifficultyModel",
     "DifficultySettings",
+    "Observation",
     "OwnChain",
     "QueryCurves",
     "QueryInfo",
@@ -108,6 +115,30 @@ class QueryCurves:
 
 
 @dataclass(frozen=True, slots=True)
+class Observation:
+    """What `DifficultyModel.observe` learned from one chain, enough to grade it later: the
+    prompt's fingerprint, the tag key its stage curve pools under and the memory row it wrote
+    (record, curve, tokens, finished, answered, answer id; `solver.memory.COLUMNS`)."""
+
+    key: int
+    curve_tags: TagSignature
+    row: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.row[TOKENS]
+
+    @property
+    def answered(self) -> bool:
+        return self.row[ANSWERED] > 0
+
+    @property
+    def answer(self) -> int:
+        """The chain's answer id (`NO_ANSWER`: none)."""
+        return self.row[ANSWER]
+
+
+@dataclass(frozen=True, slots=True)
 class _Resolved:
     record: int
     curve: int
@@ -144,8 +175,9 @@ class DifficultyModel:
         finished: bool,
         answered: bool,
         answer: str | None = None,
-    ) -> None:
-        """Record one chain's final state (once per chain, after its last request)."""
+    ) -> Observation:
+        """Record one chain's final state (once per chain, after its last request); the
+        returned `Observation` is what `grade` needs to correct it later."""
         answered = bool(finished and answered)
         r = self._resolve(query)
         self.book.observe(dict(r.curve_tags), tokens, finished=finished, answered=answered)
@@ -157,6 +189,44 @@ class DifficultyModel:
             self._learn_spread(r, tokens)
         row = (r.record, r.curve, int(tokens), int(finished), int(answered), answer_id)
         self.memory.add(r.key, row)
+        return Observation(r.key, r.curve_tags, row)
+
+    def grade(self, observations: Sequence[Observation], correct: bool) -> int:
+        """Apply a grader's verdict on one query's delivered answer to the chains `observe`
+        recorded for that query (`observations`, as `observe` returned them).
+
+        The verdict covers the chains that carry the graded answer: the most common answer
+        among the query's answered chains (ties: the latest), the one the query delivered
+        when its chains agree. Their "answered" was already counted by `observe`, so the grade
+        corrects it instead of adding to it:
+
+        * `correct=True`: answered was right; nothing changes.
+        * `correct=False`: each such chain is re-counted as one that finished without an
+          answer, in the answer-rate statistics of every tag key its curve pools under (the
+          stage of its length: one answered chain fewer, its end event kept) and in the
+          prompt memory (its row's answered flag 0 and answer id cleared, so it neither adds
+          answered mass to later queries of the problem nor votes in its agreement). The model
+          then holds exactly what `observe(..., answered=False)` would have left, except the
+          running agreement rate (how consistent answers are, not whether they are right).
+
+        Chains that finished without an answer or were cut are not touched, nor are those
+        with another answer. A chain the model forgot since (its prompt or tag key evicted,
+        its memory row overwritten) is corrected where it is still held. Apply a query's grade
+        once: a second `correct=False` would subtract again where an equal chain is held.
+        Returns how many chains the verdict covered (0: none carried an answer)."""
+        answered = [o for o in observations if o.answered]
+        if not answered:
+            return 0
+        counts: dict[int, int] = {}
+        for o in answered:  # insertion order: the latest of equally common answers wins ties
+            counts[o.answer] = counts.pop(o.answer, 0) + 1
+        graded = max(reversed(counts), key=counts.__getitem__)
+        covered = [o for o in answered if o.answer == graded]
+        if not correct:
+            for o in covered:
+                self.book.unanswer(dict(o.curve_tags), o.tokens)
+                self.memory.unanswer(o.key, o.row)
+        return len(covered)
 
     def _learn_spread(self, r: _Resolved, tokens: int) -> None:
         """How far a chain lands from the problem's earlier chains under other tags, once those

@@ -76,6 +76,18 @@ class HazardBook:
             counts.add(int(tokens), bool(finished), bool(finished and answered))
             self._versions[key] = self._versions.get(key, 0) + 1
 
+    def unanswer(self, tags: Mapping[str, str], tokens: int) -> int:
+        """Under every key of `tags`, count one answered chain that finished at `tokens` as
+        finished without an answer (`StageCounts.unanswer`; a key that no longer holds such a
+        chain is left alone). Returns how many keys changed."""
+        changed = 0
+        for key in self.keys_for(tags):
+            counts = self._counts.get(key)
+            if counts is not None and counts.unanswer(int(tokens)):
+                self._versions[key] = self._versions.get(key, 0) + 1
+                changed += 1
+        return changed
+
     def _evict_beyond_cap(self) -> None:
         while len(self._counts) > self._max_keys + 1:  # + the global pool, never evicted
             oldest = next(k for k in self._counts if k != _GLOBAL)

@@ -123,6 +123,20 @@ class PromptMemory:
         ring.rows[ring.count % self._max_chains] = row
         ring.count += 1
 
+    def unanswer(self, key: int, row: Sequence[int]) -> bool:
+        """Rewrite one remembered answered chain equal to `row` as finished without an answer
+        (answered 0, no answer id): what a grade of "wrong" makes of it. False when no such
+        row is remembered (the prompt or the chain was forgotten, or it was already graded)."""
+        rows = self.chains(key)  # a view: writes go to the ring
+        if not rows.size or row[ANSWERED] == 0:
+            return False
+        hits = np.flatnonzero(np.all(rows == np.asarray(row, dtype=np.int64), axis=1))
+        if hits.size == 0:
+            return False
+        rows[hits[0], ANSWERED] = 0
+        rows[hits[0], ANSWER] = NO_ANSWER
+        return True
+
     def chains(self, key: int) -> NDArray[np.int64]:
         """The prompt's remembered chains as rows of `COLUMNS` (no rows for an unseen prompt)."""
         ring = self._rings.get(key)

@@ -7,7 +7,8 @@ the continued chain ran p tokens without finishing (its curve is the model's cur
 survival to p); other probe samples of the same query join its own chains. The predicted curve
 is then turned into the shifted surge the allocator takes, so `solver.allocate` is unchanged:
 `allocate_curves` finds the price at which the curves' own demands fit the budget
-(`curve_price`), fits every curve where that price acts (`fit_at_price`) and solves. Answer
+(`curve_price`), fits every curve where that price acts (`fit_at_price`; `curve_problem` is
+that window problem, the curves the allocation is made on) and solves. Answer
 logic (early answers, which chain to continue, the fallback answer) is that of `solver.fit`.
 """
 
@@ -35,7 +36,7 @@ from solver.fit import (
 from solver.problem import AllocationResult, WindowProblem, tag_rows
 from solver.surge_fit import curve_price, fit_at_price, fit_surge
 
-__all__ = ["CurveWindow", "allocate_curves", "fit_queries", "select_queries"]
+__all__ = ["CurveWindow", "allocate_curves", "curve_problem", "fit_queries", "select_queries"]
 
 FloatArray = NDArray[np.float64]
 # Where budgets are ample the curves are fitted at this price instead of 0, so the fitted
@@ -74,6 +75,27 @@ def allocate_curves(
     `tags` and `tag_budgets` add the window problem's tag rows (Σ over a tag ≤ its budget); a
     query's curve is then fitted at its own price, max(λ, its tag's price). `allocator`: a
     long-lived `CvxpyAllocator` whose compiled problems are reused (tagged windows use cvxpy)."""
+    problem = curve_problem(
+        ids, budgets, utility, budget, weight=weight, cap=cap, envelope=envelope, tags=tags,
+        tag_budgets=tag_budgets,
+    )  # fmt: skip
+    return solve_window(problem, method=method, allocator=allocator)
+
+
+def curve_problem(
+    ids: Sequence[str],
+    budgets: FloatArray,
+    utility: FloatArray,
+    budget: float,
+    *,
+    weight: Sequence[float] | FloatArray | None = None,
+    cap: Sequence[float] | FloatArray | None = None,
+    envelope: tuple[FloatArray, FloatArray, FloatArray] | None = None,
+    tags: Sequence[str | None] | None = None,
+    tag_budgets: Mapping[str, float] | None = None,
+) -> WindowProblem:
+    """The window problem `allocate_curves` solves: each predicted curve's shifted surge
+    (A, τ, β) fitted where the window's price acts (the curves the allocation is made on)."""
     n = len(ids)
     v = np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64)
     caps = np.full(n, np.inf) if cap is None else np.asarray(cap, dtype=np.float64)
@@ -81,10 +103,9 @@ def allocate_curves(
     with np.errstate(divide="ignore"):
         per_query = np.where(v > 0, price / v, np.inf)
     a, tau, beta = fit_at_price(budgets, utility, per_query, caps, envelope=envelope)
-    problem = WindowProblem.create(
+    return WindowProblem.create(
         ids, a, tau, beta, budget, weight=v, cap=caps, tags=tags, tag_budgets=tag_budgets
     )
-    return solve_window(problem, method=method, allocator=allocator)
 
 
 def _fit_prices(

@@ -67,6 +67,16 @@ class StageCounts:
             self.answered[k] += float(answered)
         self.chains += 1
 
+    def unanswer(self, tokens: int) -> bool:
+        """Count one answered chain that finished at `tokens` as finished without an answer
+        (a grade said its answer was wrong); False, changing nothing, when that stage holds
+        no answered chain (the pool forgot it)."""
+        k = int(stage_of(tokens))
+        if self.answered[k] < 1.0:
+            return False
+        self.answered[k] -= 1.0
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class StageCurve:

@@ -497,5 +497,6 @@ def test_operations_doc_lists_every_metric() -> None:
 
 def test_readme_links_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
-    for doc in ("docs/operations.md", "docs/configuration.md", "docs/architecture.md"):
+    docs = ("operations", "configuration", "architecture", "contracts")
+    for doc in (f"docs/{name}.md" for name in docs):
         assert f"]({doc})" in readme, f"README.md does not link {doc}"

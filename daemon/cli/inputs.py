@@ -3,6 +3,8 @@ the replay config, the progress bar, the results table and quiet logs."""
 
 from __future__ import annotations
 
+import site
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,20 @@ if TYPE_CHECKING:
     from daemon.replay.report import ReplayReport
     from daemon.replay.rollouts import RolloutPool
 
-# The recorded trace and pools ship in the repository's data/ folder (see data/README.md).
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+def _data_dir() -> Path:
+    """The recorded trace and pools (see data/README.md): the checkout's data/ folder, else
+    where a wheel install put them (`<prefix>/share/clearbudget/data`, pip's data-files)."""
+    checkout = Path(__file__).resolve().parents[2] / "data"
+    installed = [Path(base) / "share" / "clearbudget" / "data"
+                 for base in (sys.prefix, site.USER_BASE or "")]  # fmt: skip
+    for folder in (checkout, *installed):
+        if (folder / "rollouts.jsonl").is_file():
+            return folder
+    return checkout  # missing: the commands then name the file they could not read
+
+
+DATA_DIR = _data_dir()
 DEFAULT_TRACE = DATA_DIR / "azure_llm_conv_2023.csv"
 DEFAULT_ROLLOUTS = DATA_DIR / "rollouts.jsonl"
 
@@ -39,6 +53,15 @@ HintFieldOpt = Annotated[
     typer.Option(help="Rollout record field replayed as difficulty_hint, e.g. level (default: "
                       "no hint)."),
 ]  # fmt: skip
+
+FeedbackOpt = Annotated[
+    bool,
+    typer.Option("--feedback", help="Play the downstream grader: each answered query's recorded "
+                                    "grade reaches the policy as graded feedback (in-process)."),
+]  # fmt: skip
+FeedbackDelayOpt = Annotated[
+    float, typer.Option(help="--feedback: trace seconds from a query's answer to its grade.")
+]
 
 
 def quiet_logs() -> None:
@@ -78,7 +101,8 @@ def load_inputs(
 
 def make_config(policy: str, budget_per_query: float | None, tokens_per_second: float | None,
                 seed: int, window_seconds: float, window_max_queries: int, probe_samples: int,
-                probe_tokens: int, hint_field: str | None = None) -> ReplayConfig:  # fmt: skip
+                probe_tokens: int, hint_field: str | None = None, feedback: bool = False,
+                feedback_delay: float = 0.0) -> ReplayConfig:  # fmt: skip
     """The replay config; a bad value fails naming the command-line option."""
     from daemon.replay.config import ReplayConfig
     from solver.fit import ProbePlan
@@ -93,9 +117,12 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
             window_max_queries=window_max_queries,
             probe=ProbePlan(samples=probe_samples, tokens=probe_tokens),
             hint_field=hint_field,
+            feedback=feedback,
+            feedback_delay=feedback_delay,
         )
     except ValueError as exc:
         message = str(exc).replace("budget_per_query", "--budget-per-query")
+        message = message.replace("feedback_delay", "--feedback-delay")
         fail(message.replace("tokens_per_second", "--tokens-per-second"))
 
 
@@ -131,16 +158,31 @@ def run_replay(
 
 
 def report_row(
-    budget_per_query: float | None, report: ReplayReport, hint_field: str | None = None
+    budget_per_query: float | None,
+    report: ReplayReport,
+    hint_field: str | None = None,
+    feedback_delay: float | None = None,
 ) -> dict[str, Any]:
-    """A sweep or demo row: the budget asked for, then the report's keys (with `hint_field`)."""
-    return {"budget_per_query": budget_per_query, **report_dict(report, hint_field)}
+    """A sweep or demo row: the budget asked for, then the report's keys (with `hint_field`
+    and `feedback`)."""
+    return {
+        "budget_per_query": budget_per_query,
+        **report_dict(report, hint_field, feedback_delay),
+    }
 
 
-def report_dict(report: ReplayReport, hint_field: str | None) -> dict[str, Any]:
+def report_dict(
+    report: ReplayReport, hint_field: str | None, feedback_delay: float | None = None
+) -> dict[str, Any]:
     """The report's keys, then `hint_field`: the record field replayed as difficulty_hint
-    (null when the replay ran without hints)."""
-    return {**report.to_dict(), "hint_field": hint_field}
+    (null when the replay ran without hints), `feedback`: whether graded feedback reached the
+    policy, and `feedback_delay`: its delay in trace seconds (null without feedback)."""
+    return {
+        **report.to_dict(),
+        "hint_field": hint_field,
+        "feedback": feedback_delay is not None,
+        "feedback_delay": feedback_delay,
+    }
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:

@@ -13,6 +13,8 @@ from daemon.cli.errors import fail
 from daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    FeedbackDelayOpt,
+    FeedbackOpt,
     HintFieldOpt,
     LimitOpt,
     ProbeSamplesOpt,
@@ -58,25 +60,34 @@ def replay_command(
     probe_samples: ProbeSamplesOpt = 1,
     probe_tokens: ProbeTokensOpt = 256,
     hint_field: HintFieldOpt = None,
+    feedback: FeedbackOpt = False,
+    feedback_delay: FeedbackDelayOpt = 0.0,
 ) -> None:
     """Replay recorded arrivals, each a query drawn from the rollout pool, under one policy.
 
     By default the real window pipeline runs in-process on a virtual clock with the
     recorded-rollout simulator as backend (an hour of trace in seconds). Every generated token
     counts, probes included. Prints the report as JSON (keys as in DESIGN.md, then
-    `hint_field`). A pool holding one chain per record replays at most one lap.
+    `hint_field`, `feedback` and `feedback_delay`). A pool holding one chain per record replays
+    at most one lap. `--feedback` grades every answered query from the recorded `correct` and
+    hands the grade to the policy `--feedback-delay` trace seconds after its answer.
     """
     config = make_config(policy, budget_per_query, tokens_per_second, seed, window_seconds,
-                         window_max_queries, probe_samples, probe_tokens, hint_field)  # fmt: skip
+                         window_max_queries, probe_samples, probe_tokens, hint_field, feedback,
+                         feedback_delay)  # fmt: skip
     if kafka:
         check_speedup(speedup)
+        if feedback:
+            fail("--feedback runs in-process only; leave out --kafka (or publish Feedback "
+                 "messages to CLEAR_FEEDBACK_TOPIC yourself)")  # fmt: skip
     pool, queries = load_inputs(trace, rollouts, limit, seed, hint_field)
     quiet_logs()
     if kafka:
         report = replay_on_kafka_from_env(queries, pool, config, speedup=speedup)
     else:
         report = run_replay(queries, pool, config)
-    text = json.dumps(report_dict(report, hint_field), indent=2)
+    text = json.dumps(report_dict(report, hint_field, config.feedback_delay if feedback else None),
+                      indent=2)  # fmt: skip
     if json_out:
         json_out.write_text(text + "\n")
     typer.echo(text)

@@ -111,8 +111,8 @@ class ResultPrinter:
     """Results on stdout as they arrive: JSON lines, or rows of a table with fixed columns (a
     table that grows row by row, so a followed stream prints at once)."""
 
-    COLUMNS = (("id", 26), ("status", 9), ("tokens", 7), ("probe", 6), ("allocated", 9),
-               ("price", 9), ("answer / reason", None))  # fmt: skip
+    COLUMNS = (("id", 26), ("status", 9), ("code", 22), ("tokens", 7), ("probe", 6),
+               ("allocated", 9), ("price", 9), ("answer / reason", None))  # fmt: skip
 
     def __init__(self, json_out: bool) -> None:
         self.json_out = json_out
@@ -127,7 +127,7 @@ class ResultPrinter:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(width=max(Console().width, 100))
+            self._console = Console(width=max(Console().width, 124))
             self._console.print(self._table(header=True))
         from rich.text import Text
 
@@ -139,7 +139,8 @@ class ResultPrinter:
             last = Text(" ".join((result.reason or "").split()), style="dim")
         status = result.status.value
         price = "" if result.shadow_price is None else f"{result.shadow_price:.3g}"
-        table.add_row(result.id, Text(status, style=STATUS_STYLES.get(status, "red")),
+        code = result.reason_code.value if result.reason_code is not None else ""  # v1: none
+        table.add_row(result.id, Text(status, style=STATUS_STYLES.get(status, "red")), code,
                       str(result.tokens_used), str(result.tokens_probe),
                       str(result.allocated_tokens), price, last)  # fmt: skip
         self._console.print(table)

@@ -30,7 +30,8 @@ def schema(
     name: Annotated[
         str | None,
         typer.Argument(
-            help="query-request, query-result, window-report or dead-letter; all when omitted."
+            help="query-request, query-result, window-report, dead-letter or feedback; all "
+            "when omitted."
         ),
     ] = None,
 ) -> None:

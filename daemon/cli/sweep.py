@@ -12,6 +12,8 @@ from daemon.cli.errors import fail
 from daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    FeedbackDelayOpt,
+    FeedbackOpt,
     HintFieldOpt,
     LimitOpt,
     ProbeSamplesOpt,
@@ -48,9 +50,12 @@ def sweep_command(
     probe_samples: ProbeSamplesOpt = 1,
     probe_tokens: ProbeTokensOpt = 256,
     hint_field: HintFieldOpt = None,
+    feedback: FeedbackOpt = False,
+    feedback_delay: FeedbackDelayOpt = 0.0,
 ) -> None:
     """Replay every policy over a grid of budgets; write pareto.json and a pareto.png plot of
-    accuracy against tokens per query (the oracle is the ceiling)."""
+    accuracy against tokens per query (the oracle is the ceiling). `--feedback`: graded
+    feedback from the recorded grades (only clear learns from it)."""
     from daemon.replay.pareto import plot_pareto  # deferred: matplotlib is slow to import
 
     grid = parse_grid(budgets)
@@ -61,8 +66,10 @@ def sweep_command(
     for name in names:
         for budget in grid:
             config = make_config(name, budget, None, seed, window_seconds, window_max_queries,
-                                 probe_samples, probe_tokens, hint_field)  # fmt: skip
-            rows.append(report_row(budget, run_replay(queries, pool, config), hint_field))
+                                 probe_samples, probe_tokens, hint_field, feedback,
+                                 feedback_delay)  # fmt: skip
+            delay = config.feedback_delay if feedback else None
+            rows.append(report_row(budget, run_replay(queries, pool, config), hint_field, delay))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_pareto(rows, out / "pareto.png", title=f"{len(queries)} queries from {trace.name}")

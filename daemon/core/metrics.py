@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from daemon.core.feedback import FEEDBACK_OUTCOMES
 from schemas.messages import Status
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -82,6 +83,7 @@ class PipelineMetrics:
     budget_earned: Counter
     lag: Gauge
     tags: TagMetrics
+    feedback: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, tag_labels: Sequence[str] = ()) -> PipelineMetrics:
@@ -167,9 +169,18 @@ class PipelineMetrics:
                 registry=registry,
             ),
             tags=TagMetrics.create(registry, tag_labels),
+            feedback=Counter(
+                "clear_feedback",
+                "Graded feedback records by outcome: applied (the query's grade corrected "
+                "what it taught), unknown_id (not held by this replica), rejected (to the DLQ).",
+                ["outcome"],
+                registry=registry,
+            ),
         )
         for status in Status:
             metrics.queries.labels(status=status.value)
         for phase in ("probe", "dispatch"):
             metrics.tokens.labels(phase=phase)
+        for outcome in FEEDBACK_OUTCOMES:
+            metrics.feedback.labels(outcome=outcome)
         return metrics

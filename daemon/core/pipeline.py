@@ -18,11 +18,26 @@ from daemon.core.metrics import PipelineMetrics
 from daemon.core.policies import AllocationPolicy, Decision, QueryView
 from daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
 from daemon.core.windowing import Window
-from schemas.messages import QueryRequest, QueryResult, Status, StatusCounts, WindowReport
+from schemas.messages import (
+    Curve,
+    QueryRequest,
+    QueryResult,
+    ReasonCode,
+    Status,
+    StatusCounts,
+    WindowReport,
+)
 from solver.answers import answers_agree, extract_answer
 from solver.fit import ProbeOutcome, ProbePlan
 
 SHUTDOWN_REASON = "daemon shut down before the query could finish"
+# The Kafka service's reason for queries cut off by a revoke (it imports this one).
+HANDOVER_REASON = "its partition was handed to another replica before the query could finish"
+# Reason codes of the unserved results whose reason is one of these texts (`unserved_results`).
+UNSERVED_REASON_CODES = {
+    SHUTDOWN_REASON: ReasonCode.SHUTDOWN,
+    HANDOVER_REASON: ReasonCode.HANDOVER,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,7 @@ class _Query:
     probe_tokens: int = 0
     dispatch_tokens: int = 0
     allocated: int = 0
+    curve: Curve | None = None  # the curve the allocation priced it on, if any
     result: QueryResult | None = None
 
 
@@ -106,7 +122,9 @@ class WindowPipeline:
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id, waiting)
         for query in skipped:
-            query.result = _insolvent(query, window.window_id, decision.shadow_price, waiting)
+            query.result = _insolvent(
+                query, window.window_id, decision.shadow_price, waiting, before_probe=True
+            )
         for query in spent_out:
             query.result = self._probe_only_result(query, window.window_id, decision.shadow_price)
         return self._report(queries, window, budget, decision, started)
@@ -116,11 +134,11 @@ class WindowPipeline:
         finished = next((s for s in _probe_samples(query.probe) if s.finish_reason == "stop"), None)
         if finished is not None:
             return _result(
-                query, Status.ANSWERED, window_id, price,
+                query, ReasonCode.PROBE_ANSWERED, window_id, price,
                 answer=extract_answer(finished.text), text=finished.text,
             )  # fmt: skip
         return _result(
-            query, Status.ABANDONED, window_id, price,
+            query, ReasonCode.CAP_SPENT_IN_PROBE, window_id, price,
             reason=f"its max_tokens ({self._cap(query.request)}) ran out during the probe",
         )  # fmt: skip
 
@@ -143,7 +161,7 @@ class WindowPipeline:
             if deadline is not None and deadline <= now:
                 query.result = _result(
                     query,
-                    Status.EXPIRED,
+                    ReasonCode.DEADLINE,
                     window_id,
                     None,
                     reason="deadline passed before the window ran",
@@ -151,7 +169,8 @@ class WindowPipeline:
 
     async def _probe(self, live: list[_Query], plan: ProbePlan, window_id: str) -> None:
         async def probe_one(query: _Query) -> None:
-            max_tokens = min(plan.tokens, self._cap(query.request))
+            # All k samples together stay within the query's own max_tokens.
+            max_tokens = max(min(plan.tokens, self._cap(query.request) // plan.samples), 1)
             probe = await self._request(
                 query, "probe", query.request.prompt, plan.samples, max_tokens, window_id, None
             )
@@ -170,11 +189,12 @@ class WindowPipeline:
         async def dispatch_one(query: _Query, i: int) -> None:
             tokens, answer_now = int(decision.tokens[i]), decision.answer_now[i]
             query.allocated = tokens
+            query.curve = decision.curves[i] if decision.curves else None
             if answer_now is not None or tokens <= 0:
                 self._observe_probe_only(query)
             if answer_now is not None:
                 query.result = _result(
-                    query, Status.ANSWERED, window_id, price, answer=answer_now,
+                    query, ReasonCode.PROBE_ANSWERED, window_id, price, answer=answer_now,
                     text=_finished_with(query.probe, answer_now).text,
                 )  # fmt: skip
             elif tokens <= 0:
@@ -185,6 +205,7 @@ class WindowPipeline:
                 await self._continue(query, tokens, chain, fallback, window_id, price)
 
         assert len(decision.tokens) == len(live), "one decision per live query"
+        assert len(decision.curves) in (0, len(live)), "a curve (or None) per live query"
         await asyncio.gather(*(dispatch_one(q, i) for i, q in enumerate(live)))
         self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
 
@@ -210,18 +231,22 @@ class WindowPipeline:
             self._observe(query, chain_tokens, finished=False, answer=None)
             if fallback is not None:
                 query.result = _result(
-                    query, Status.ANSWERED, window_id, price, answer=fallback,
+                    query, ReasonCode.CUT_WITH_PROBE_ANSWER, window_id, price, answer=fallback,
                     text=_finished_with(query.probe, fallback).text,
+                    reason=f"the chain did not finish within its {tokens} allocated tokens; "
+                    "answered with what the finished probes agreed on",
                 )  # fmt: skip
                 return
             query.result = _result(
-                query, Status.ABANDONED, window_id, price,
+                query, ReasonCode.CUT_AT_ALLOCATION, window_id, price,
                 reason=f"the chain did not finish within its {tokens} allocated tokens",
             )  # fmt: skip
             return
         answer = extract_answer(text)
         self._observe(query, chain_tokens, finished=True, answer=answer)
-        query.result = _result(query, Status.ANSWERED, window_id, price, answer=answer, text=text)
+        query.result = _result(
+            query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
+        )
 
     async def _request(
         self,
@@ -241,7 +266,7 @@ class WindowPipeline:
         except BackendError as exc:
             self._charge_to(query, phase, max(exc.discarded_tokens, 0))
             query.result = _result(
-                query, Status.FAILED, window_id, price, reason=f"{phase} failed: {exc}"
+                query, ReasonCode.BACKEND_FAILED, window_id, price, reason=f"{phase} failed: {exc}"
             )
             return None
         except _DeadlinePassed:
@@ -251,8 +276,9 @@ class WindowPipeline:
         problem = _inconsistency(completion, n, max_tokens, probe=phase == "probe")
         if problem is not None:
             query.result = _result(
-                query, Status.FAILED, window_id, price, reason=f"{phase} failed: {problem}"
-            )
+                query, ReasonCode.BACKEND_INCONSISTENT, window_id, price,
+                reason=f"{phase} failed: {problem}",
+            )  # fmt: skip
             return None
         return completion
 
@@ -342,12 +368,21 @@ def unserved_results(
     *,
     window_id: str | None = None,
     shadow_price: float | None = None,
+    reason_code: ReasonCode | None = None,
 ) -> list[QueryResult]:
     """Terminal results for queries the pipeline could not serve (a window that raised, a
-    shutdown deadline): no tokens are attributed, the reason says why."""
+    shutdown deadline, a hand-over): no tokens are attributed, the reason says why.
+    `reason_code` defaults to the code of a known reason text (`UNSERVED_REASON_CODES`:
+    shutdown, handover), else to the status's (`QueryResult.unspent`: failed → window_error)."""
+    code = reason_code or UNSERVED_REASON_CODES.get(reason)
     return [
         QueryResult.unspent(
-            item.request.id, status, reason, window_id=window_id, shadow_price=shadow_price
+            item.request.id,
+            status,
+            reason,
+            window_id=window_id,
+            shadow_price=shadow_price,
+            reason_code=code,
         )
         for item in items
     ]
@@ -355,7 +390,7 @@ def unserved_results(
 
 def _result(
     query: _Query,
-    status: Status,
+    code: ReasonCode,
     window_id: str,
     price: float | None,
     *,
@@ -363,6 +398,11 @@ def _result(
     text: str | None = None,
     reason: str | None = None,
 ) -> QueryResult:
+    """The query's result: its status is its code's; tokens as charged (`tokens_used` is the
+    probe's plus the continuation's), with the curve it was priced on and that curve's value at
+    its allocation."""
+    status = code.status
+    curve = query.curve
     return QueryResult(
         id=query.request.id,
         status=status,
@@ -374,6 +414,9 @@ def _result(
         shadow_price=price if price is not None or status is not Status.ABANDONED else 0.0,
         window_id=window_id,
         reason=reason,
+        reason_code=code,
+        curve=curve,
+        expected_accuracy=curve.value(query.allocated) if curve is not None else None,
     )
 
 
@@ -383,15 +426,22 @@ class _DeadlinePassed(Exception):
 
 def _expired(query: _Query, window_id: str, price: float | None, phase: str) -> QueryResult:
     return _result(
-        query, Status.EXPIRED, window_id, price, reason=f"deadline passed during {phase}"
+        query, ReasonCode.DEADLINE, window_id, price, reason=f"deadline passed during {phase}"
     )
 
 
-def _insolvent(query: _Query, window_id: str, price: float, waiting: int) -> QueryResult:
+def _insolvent(
+    query: _Query, window_id: str, price: float, waiting: int, *, before_probe: bool = False
+) -> QueryResult:
+    """Priced out: by the window's solve, allocated no continuation (`insolvent`), or by probe
+    selection on its predicted curve, before anything was spent (`insolvent_before_probe`)."""
     reason = f"insolvent: cannot return the shadow price {price:.4g} per token"
+    if before_probe:
+        reason += " (judged on its predicted curve, before a probe)"
     if waiting:
         reason += f" (backlog: {waiting} queries waiting; windows are paced to the budget rate)"
-    return _result(query, Status.ABANDONED, window_id, price, reason=reason)
+    code = ReasonCode.INSOLVENT_BEFORE_PROBE if before_probe else ReasonCode.INSOLVENT
+    return _result(query, code, window_id, price, reason=reason)
 
 
 def _outcomes(probe: Completion | None) -> tuple[ProbeOutcome, ...]:

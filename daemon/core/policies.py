@@ -15,16 +15,18 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from daemon.core.feedback import FeedbackOutcome, RecentQueries
 from daemon.core.metrics import TagMetrics
 from daemon.core.tags import TagBudgets, TagRows
-from schemas.messages import QueryRequest
+from schemas.messages import Curve, QueryRequest
+from solver.allocate import solve_window
 from solver.cvx import CvxpyAllocator
-from solver.difficulty import HINT_LEVEL, DifficultyModel, QueryInfo
+from solver.difficulty import HINT_LEVEL, DifficultyModel, Observation, QueryInfo
 from solver.fit import ProbeOutcome, ProbePlan
 from solver.hazards import DEFAULT_LEVELS
 from solver.priors import PriorBook
-from solver.problem import AllocationResult
-from solver.query_fit import CurveWindow, allocate_curves, fit_queries, select_queries
+from solver.problem import AllocationResult, WindowProblem
+from solver.query_fit import CurveWindow, curve_problem, fit_queries, select_queries
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
 # The most tokens probe selection lets a query without its own max_tokens want.
@@ -56,7 +58,9 @@ class Decision:
     """Per live query: continuation budget (0 abandons it), an early answer, which probe chain
     to continue (−1: start fresh) and the answer to fall back on if that chain does not finish;
     plus the window's price, and with tag budgets each group's row and price (λ plus the
-    group's premium where its row binds)."""
+    group's premium where its row binds). `curves`: per live query the curve the allocation
+    was solved on (None where the query was not priced on one, e.g. answered from its probe);
+    empty when the policy has no curves (the baselines)."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
@@ -68,6 +72,7 @@ class Decision:
     fallbacks: int = 0
     tag_budgets: Mapping[str, float] = field(default_factory=dict)
     tag_prices: Mapping[str, float] = field(default_factory=dict)
+    curves: tuple[Curve | None, ...] = ()
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
@@ -97,6 +102,12 @@ class AllocationPolicy(Protocol):
         """Learn from one chain's final state (reported once, after its last request): its
         length, whether it finished, and the answer extracted from it (None: none)."""
 
+    def feedback(self, query_id: str, correct: bool) -> FeedbackOutcome:
+        """A grader's verdict on an answered query's answer: `applied` when the policy still
+        holds what it observed of the query (and corrects what it learned), else
+        `unknown_id`."""
+        ...
+
 
 class ClearPolicy:
     """CLEAR: give each query its own curve (per-query difficulty model, learned online), probe
@@ -113,9 +124,14 @@ class ClearPolicy:
         tag_budgets: TagBudgets | None = None,
         tag_metrics: TagMetrics | None = None,
         allocator: CvxpyAllocator | None = None,
+        remember_queries: int = 0,
     ) -> None:
         """`priors` is accepted for callers written against the per-tag book: its tag levels
         become the model's (plus the hint level); the model learns everything else itself.
+
+        `remember_queries`: how many recent queries' observations to keep for graded
+        feedback (`feedback`; `daemon.core.feedback.DEFAULT_REMEMBERED_QUERIES` when a
+        feedback topic is configured); 0 keeps none and every grade is `unknown_id`.
 
         `tag_budgets`: shares of each window's budget reserved per tag value (see
         `daemon.core.tags`); `tag_metrics` then gets each window's per-tag prices. Tagged
@@ -127,6 +143,9 @@ class ClearPolicy:
         self.tag_budgets = tag_budgets
         self._tag_metrics = tag_metrics
         self._allocator = allocator
+        self.recent: RecentQueries[Observation] | None = (
+            RecentQueries(remember_queries) if remember_queries > 0 else None
+        )
 
     @property
     def allocator(self) -> CvxpyAllocator:
@@ -182,7 +201,7 @@ class ClearPolicy:
             for group, query in zip(groups, queries, strict=True):
                 probes[group] = probes.get(group, 0.0) + query.probe_tokens
             rows = self.tag_budgets.rows([groups[i] for i in index], budget, probes)
-        result, tag_budgets = self._allocate(queries, index, window, budget, groups, rows)
+        result, tag_budgets, problem = self._allocate(queries, index, window, budget, groups, rows)
         tokens[index] = result.token_allocations()
         tag_prices = {
             key: result.shadow_price + result.tag_prices.get(key, 0.0) for key in tag_budgets
@@ -193,7 +212,7 @@ class ClearPolicy:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return Decision(
             tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
-            result.fallbacks, tag_budgets, tag_prices,
+            result.fallbacks, tag_budgets, tag_prices, _solved_curves(len(queries), index, problem),
         )  # fmt: skip
 
     def _allocate(
@@ -204,25 +223,27 @@ class ClearPolicy:
         budget: float,
         groups: Sequence[str],
         rows: TagRows | None,
-    ) -> tuple[AllocationResult, dict[str, float]]:
-        """The window's allocation and the tag rows it was solved on; solved again on
-        rebalanced rows if the first solve broke a reserve or left one idle while another
-        group wanted more (`TagRows.rebalance`)."""
+    ) -> tuple[AllocationResult, dict[str, float], WindowProblem]:
+        """The window's allocation, the tag rows it was solved on and the problem solved (its
+        curves); solved again on rebalanced rows if the first solve broke a reserve or left
+        one idle while another group wanted more (`TagRows.rebalance`)."""
         fitted = window.fit
         cap = np.array([queries[i].cap_left for i in index], np.float64)
         tags = [groups[i] for i in index] if rows is not None else None
+        solved: list[WindowProblem] = []
 
         def solve(tag_budgets: Mapping[str, float] | None) -> AllocationResult:
-            return allocate_curves(
+            problem = curve_problem(
                 [queries[i].request.id for i in index], window.budgets, window.utility[index],
                 budget, weight=[queries[i].request.weight for i in index], cap=cap,
                 envelope=(fitted.a[index], fitted.tau[index], fitted.beta[index]),
                 tags=tags, tag_budgets=tag_budgets,
-                allocator=self.allocator if tag_budgets else None,
             )  # fmt: skip
+            solved.append(problem)
+            return solve_window(problem, allocator=self.allocator if tag_budgets else None)
 
         if rows is None or tags is None:
-            return solve(None), {}
+            return solve(None), {}, solved[-1]
         result = solve(rows.budgets)
         allocated: dict[str, float] = {}
         wants_more: set[str] = set()
@@ -232,8 +253,8 @@ class ClearPolicy:
                 wants_more.add(group)
         rebalanced = rows.rebalance(allocated, wants_more)
         if rebalanced is None:
-            return result, rows.budgets
-        return solve(rebalanced), rebalanced
+            return result, rows.budgets, solved[-1]
+        return solve(rebalanced), rebalanced, solved[-1]
 
     def observe(
         self,
@@ -244,9 +265,32 @@ class ClearPolicy:
         answered: bool,
         answer: str | None = None,
     ) -> None:
-        self.model.observe(
+        observed = self.model.observe(
             query_info(request), chain_tokens, finished=finished, answered=answered, answer=answer
         )
+        if self.recent is not None:
+            self.recent.add(request.id, observed)
+
+    def feedback(self, query_id: str, correct: bool) -> FeedbackOutcome:
+        """Correctness replaces "an answer was extracted" in what the query's chains taught
+        the model (`DifficultyModel.grade`: a wrong answer is re-counted as none, a right one
+        stays); the query is then forgotten, so a repeated grade is `unknown_id`."""
+        observed = self.recent.pop(query_id) if self.recent is not None else None
+        if observed is None:
+            return "unknown_id"
+        self.model.grade(observed, correct)
+        return "applied"
+
+
+def _solved_curves(
+    n: int, index: NDArray[np.int64], problem: WindowProblem
+) -> tuple[Curve | None, ...]:
+    """Per live query, the curve `problem` priced it on (None for queries not in it)."""
+    curves: list[Curve | None] = [None] * n
+    for k, i in enumerate(index.tolist()):
+        a, tau, beta = float(problem.a[k]), float(problem.tau[k]), float(problem.beta[k])
+        curves[i] = Curve(A=a, tau=tau, beta=beta)
+    return tuple(curves)
 
 
 def query_info(request: QueryRequest) -> QueryInfo:
@@ -270,6 +314,10 @@ class _FixedCaps:
         answer: str | None = None,
     ) -> None:
         """Baselines learn nothing."""
+
+    def feedback(self, query_id: str, correct: bool) -> FeedbackOutcome:
+        """Baselines remember nothing to grade."""
+        return "unknown_id"
 
 
 class UniformPolicy(_FixedCaps):

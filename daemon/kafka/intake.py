@@ -11,6 +11,10 @@ as a `QueryRequest` (strict types, finite numbers, no unknown fields, prompt siz
 not already admitted in this window. NaN/Infinity literals (which Python's json accepts) and
 overflowing numbers such as 1e999 are caught by the models' finite-number rule, so the error
 names the field. Error texts start with the bad field (or `message` for the whole record).
+
+`Intake.admit_feedback` applies the same rules to a record of the feedback topic, validated as a
+`Feedback`; its `Rejection` never carries a result (a `rejected` result keyed by the graded id
+would overwrite that query's own result).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from schemas import (
     DEFAULT_MAX_PROMPT_BYTES,
     MAX_PROMPT_BYTES_CONTEXT_KEY,
     DeadLetter,
+    Feedback,
     QueryRequest,
     QueryResult,
     Status,
@@ -140,6 +145,22 @@ class Intake:
         seen_ids.add(request.id)
         return request
 
+    def admit_feedback(
+        self, value: bytes | None, *, topic: str, partition: int, offset: int
+    ) -> Feedback | Rejection:
+        """Validate one feedback record (the rules of `admit`, as a `Feedback`); a refused one
+        is a `Rejection` for the DLQ only. An id the daemon does not know is not an error here."""
+        try:
+            return _parse_feedback(value, self.limits)
+        except _Invalid as invalid:
+            rejection = self._reject(
+                value, invalid.error, invalid.query_id, topic, partition, offset
+            )
+        except Exception as exc:  # a bug must not stop the consumer; the DLQ keeps the record
+            error = f"message: could not be validated ({type(exc).__name__})"
+            rejection = self._reject(value, error, None, topic, partition, offset)
+        return Rejection(dead_letter=rejection.dead_letter, result=None)
+
     def _reject(
         self,
         value: bytes | None,
@@ -165,6 +186,27 @@ class Intake:
 
 def _parse_request(value: bytes | None, limits: IntakeLimits) -> QueryRequest:
     """Decode and validate one record value; raises `_Invalid` naming the bad field."""
+    payload, query_id = _parse_object(value, limits)
+    try:
+        return QueryRequest.model_validate(
+            payload, context={MAX_PROMPT_BYTES_CONTEXT_KEY: limits.max_prompt_bytes}
+        )
+    except ValidationError as exc:
+        raise _Invalid(describe_validation_error(exc), query_id) from None
+
+
+def _parse_feedback(value: bytes | None, limits: IntakeLimits) -> Feedback:
+    """`_parse_request` for a feedback record."""
+    payload, query_id = _parse_object(value, limits)
+    try:
+        return Feedback.model_validate(payload)
+    except ValidationError as exc:
+        raise _Invalid(describe_validation_error(exc), query_id) from None
+
+
+def _parse_object(value: bytes | None, limits: IntakeLimits) -> tuple[dict[str, Any], str | None]:
+    """A record value decoded to a JSON object without duplicate keys, and its id if readable;
+    raises `_Invalid` naming the bad field."""
     if value is None:
         raise _Invalid("message: record has no value (null or tombstone)")
     if len(value) > limits.max_message_bytes:
@@ -179,12 +221,7 @@ def _parse_request(value: bytes | None, limits: IntakeLimits) -> QueryRequest:
         raise _Invalid(
             f"{_location((duplicate_keys[0],))}: duplicate key in a JSON object", query_id
         )
-    try:
-        return QueryRequest.model_validate(
-            payload, context={MAX_PROMPT_BYTES_CONTEXT_KEY: limits.max_prompt_bytes}
-        )
-    except ValidationError as exc:
-        raise _Invalid(describe_validation_error(exc), query_id) from None
+    return payload, query_id
 
 
 def readable_id(payload: dict[str, Any]) -> str | None:

@@ -21,7 +21,13 @@ from aiokafka.structs import ConsumerRecord
 
 from daemon.core.budget import BudgetLedger
 from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import SHUTDOWN_REASON, PendingQuery, WindowPipeline, unserved_results
+from daemon.core.pipeline import (
+    HANDOVER_REASON,
+    SHUTDOWN_REASON,
+    PendingQuery,
+    WindowPipeline,
+    unserved_results,
+)
 from daemon.core.ports import ResultSink
 from daemon.core.windowing import Window, WindowAssembler
 from daemon.kafka.intake import Intake, Rejection
@@ -38,7 +44,6 @@ MAX_RECORDS_PER_POLL = 2000
 # queries' results (the pod's grace period is the deadline + 5 s).
 PUBLISHING_GRACE_S = 1.0
 LAST_PUBLISH_S = 3.0
-HANDOVER_REASON = "its partition was handed to another replica before the query could finish"
 
 
 class Consumer(Protocol):
@@ -363,6 +368,11 @@ class Daemon:
             return
         self._metrics.queries.labels(status="failed").inc(len(window.items))
         self._finish(window.items)
+
+    def publish_refused(self, error: FatalPublishError) -> None:
+        """A topic refused a record for good outside this loop (the feedback reader's DLQ):
+        stop as if one of the loop's own publishes had been refused."""
+        self._fatal(error)
 
     def _fatal(self, error: FatalPublishError) -> None:
         """A topic refuses the daemon for good: stop consuming, turn unhealthy, exit non-zero

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.core.budget import BudgetLedger
+from daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
 from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
 from daemon.replay.files import InputFileError, json_lines
 from daemon.replay.rollouts import (
@@ -49,10 +50,17 @@ class ReplayConfig:
     probe: ProbePlan = DEFAULT_PROBE
     carry_over_windows: float = 1.0
     hint_field: str | None = None  # the record field replayed as difficulty_hint (None: none)
+    # Graded feedback: each answered query's recorded grade reaches the policy this many trace
+    # seconds after its window published it (in-process replay; `daemon.replay.inprocess`).
+    feedback: bool = False
+    feedback_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not (np.isfinite(self.feedback_delay) and self.feedback_delay >= 0):
+            raise ValueError(f"feedback_delay: must be a finite number >= 0, got "
+                             f"{self.feedback_delay!r}")  # fmt: skip
         if (self.budget_per_query is None) == (self.tokens_per_second is None):
             raise ValueError("give exactly one of budget_per_query or tokens_per_second")
         for name in ("budget_per_query", "tokens_per_second"):
@@ -207,7 +215,8 @@ def make_policy(
     """The allocation policy `config` names; uniform and oracle are sized to the budget."""
     per_query = tokens_per_query(config, queries)
     if config.policy == "clear":
-        return ClearPolicy(config.probe)
+        remember = DEFAULT_REMEMBERED_QUERIES if config.feedback else 0
+        return ClearPolicy(config.probe, remember_queries=remember)
     if config.policy == "uniform":
         # Cost-matched: the one cap whose expected cost per query equals the budget.
         if config.budget_per_query is None:

@@ -23,6 +23,17 @@ instead of after the cooldown. Waiters wake when a breaker half-opens or closes,
 slot frees, and on every watcher tick, which is also when they check their deadline on the
 injected clock.
 
+A base URL may name a fleet rather than a pod: with `discovery="dns"` the pool resolves each
+host name in `endpoints` (through an injected `Resolver`; IP literals are taken as they are)
+when it starts and every `discovery_interval_s` after, and keeps one endpoint per address, each
+with its own breaker, semaphore, outstanding-token count and metric label (`vllm:8000/10.0.0.5`).
+Its requests go to the address and carry the name in their `Host` header (https: the certificate
+is checked for the name). An address that joins gets traffic at once; one that vanishes drains:
+no new request goes there, those already sent or queued there finish, then it is removed with
+its metric series, so label cardinality follows the fleet, not its history. A failed resolution
+keeps the last known addresses (one warning a minute per name); a name that resolves to nothing
+(NXDOMAIN: a headless Service without ready pods) drains them all, an outage like any other.
+
 HTTP goes through an injected `Transport` (a POST and a GET in, status and body out), so the
 pool's policy can be driven without sockets; `AiohttpTransport` is the default. Bodies are
 encoded and decoded by `daemon.vllm.protocol`.
@@ -34,14 +45,17 @@ prometheus_client, structlog, and aiohttp and yarl (in `AiohttpTransport` only).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import ipaddress
 import re
+import socket
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -69,10 +83,13 @@ __all__ = [
     "AiohttpTransport",
     "BackendRequestError",
     "BreakerSettings",
+    "Discovery",
+    "Resolver",
     "Transport",
     "TransportError",
     "TransportTimeout",
     "VllmPool",
+    "resolve_addresses",
 ]
 
 _BREAKER_GAUGE_VALUE: dict[BreakerState, float] = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
@@ -87,6 +104,10 @@ _PROBE_FIRST_S = 0.5
 _PROBE_MAX_S = 5.0
 _PROBE_MIN_S = 0.01  # the shortest tick (a cooldown about to end): never a busy loop
 _HEALTH_TIMEOUT_S = 5.0  # vLLM answers /health at once; a slower answer is no answer
+# DNS discovery: a lookup slower than this has failed (the last known addresses stay), and a
+# name that keeps failing is reported at most once per interval below.
+_RESOLVE_TIMEOUT_S = 5.0
+_DISCOVERY_WARN_EVERY_S = 60.0
 
 
 # --- the transport seam -------------------------------------------------------------------------
@@ -108,7 +129,9 @@ class Transport(Protocol):
     ) -> tuple[int, bytes]:
         """POST `body` to `url` and return the status and the whole response body, whatever
         the status. Raise `TransportTimeout` past `timeout_s`, `TransportError` on connection
-        failures; never follow redirects (a redirect is not an answer)."""
+        failures; never follow redirects (a redirect is not an answer). A `Host` entry in
+        `headers` (a request to a pod's address on behalf of its Service name) is sent as
+        given, and over https the server's certificate is checked for that name."""
         ...
 
     async def get(
@@ -123,7 +146,8 @@ class Transport(Protocol):
 
 
 class AiohttpTransport:
-    """The default transport: one aiohttp session, HTTP/1.1 keep-alive, `max_connections` in all.
+    """The default transport: one aiohttp session, HTTP/1.1 keep-alive, `max_connections` in all
+    (None: no limit of its own, the pool's per-endpoint semaphores bound the connections).
 
     aiohttp rather than httpx: on the daemon's hot path httpx cost 1-2 ms of CPU per request
     through its own connection pool (it polls every idle pooled socket on each request) and
@@ -132,8 +156,10 @@ class AiohttpTransport:
     running loop; `connect_timeout_s` bounds DNS, TCP and TLS within each request's time-out.
     """
 
-    def __init__(self, *, max_connections: int = 100, connect_timeout_s: float = 5.0) -> None:
-        if max_connections < 1:
+    def __init__(
+        self, *, max_connections: int | None = 100, connect_timeout_s: float = 5.0
+    ) -> None:
+        if max_connections is not None and max_connections < 1:
             raise ValueError(f"max_connections: must be >= 1, got {max_connections!r}")
         if not connect_timeout_s > 0:
             raise ValueError(f"connect_timeout_s: must be > 0, got {connect_timeout_s!r}")
@@ -143,6 +169,7 @@ class AiohttpTransport:
         self._closed = False
         self._urls: dict[str, yarl.URL] = {}  # parsed once, not by aiohttp on every request
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._tls_names: dict[str, str | None] = {}  # Host header -> the name a cert must carry
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
@@ -162,14 +189,19 @@ class AiohttpTransport:
         headers: Mapping[str, str],
         timeout_s: float,
     ) -> tuple[int, bytes]:
+        parsed = self._url(url)
+        host = headers.get("Host")
+        # A pod addressed by IP on behalf of a name: TLS (SNI, certificate) is for the name.
+        tls_name = self._tls_name(host) if host is not None and parsed.scheme == "https" else None
         try:
             async with self._http().request(
                 method,
-                self._url(url),
+                parsed,
                 data=body,
                 headers=headers,
                 timeout=self._timeout(timeout_s),
                 allow_redirects=False,
+                server_hostname=tls_name,
             ) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:  # aiohttp's own time-outs are TimeoutErrors too
@@ -187,7 +219,9 @@ class AiohttpTransport:
             raise TransportError("the transport is closed")
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S
+                limit=self._max_connections or 0,  # 0: aiohttp's "no limit"
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_S,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar()
@@ -202,6 +236,13 @@ class AiohttpTransport:
             parsed = self._urls[url] = yarl.URL(url)
         return parsed
 
+    def _tls_name(self, host: str) -> str | None:
+        if host not in self._tls_names:
+            if len(self._tls_names) >= _CACHE_ENTRIES:
+                self._tls_names.clear()
+            self._tls_names[host] = urlsplit("//" + host).hostname
+        return self._tls_names[host]
+
     def _timeout(self, timeout_s: float) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
@@ -212,6 +253,33 @@ class AiohttpTransport:
                 total=timeout_s, connect=connect_s, sock_connect=connect_s
             )
         return timeout
+
+
+# --- the resolver seam (DNS discovery) ----------------------------------------------------------
+
+# "none": each base URL is one endpoint. "dns": each host name is resolved, one endpoint per
+# address (a Kubernetes headless Service: one name, an address per ready pod).
+Discovery = Literal["none", "dns"]
+# (host, port) -> the addresses the name has now; [] when it has none. Raises (OSError, ...)
+# when the lookup itself failed, so the pool keeps what it knew.
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+# getaddrinfo's "no such name" and "no address": an answer (no pods), not a failed lookup.
+_NO_ADDRESS_ERRNOS = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """The default `Resolver`: the event loop's `getaddrinfo` (the system's resolver, search
+    domains included), each address once in the order given. A name that does not exist or has
+    no address (a headless Service without ready pods answers NXDOMAIN) resolves to []."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno in _NO_ADDRESS_ERRNOS:
+            return []
+        raise
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -258,16 +326,42 @@ class _Round:
 
 
 @dataclass(eq=False)
+class _Source:
+    """One base URL of `endpoints` that names a fleet (`discovery="dns"`): its host is resolved
+    and each address becomes an endpoint."""
+
+    base_url: str  # as configured (credentials included)
+    host: str
+    port: int
+    host_header: str  # host[:port] as configured: what each pod's requests carry as Host
+    label_prefix: str  # host[:port][/path]; a pod's label is this + "/" + its address
+    resolved: bool = False  # answered at least once (a lookup that failed does not count)
+    empty: bool = False  # its last answer had no address
+    failures: int = 0  # lookups failed since the last that succeeded
+    unreported: int = 0  # of those, failures not yet in a warning
+    warned_at: float | None = None
+
+
+@dataclass(eq=False)
 class _Endpoint:
-    index: int
+    index: int  # position in the pool's list of live endpoints (rotates routing ties)
     base_url: str
     completions_url: str
     health_url: str
     label: str
     semaphore: asyncio.Semaphore
     breaker: CircuitBreaker
+    headers: Mapping[str, str]  # of completions requests
+    health_headers: Mapping[str, str]
+    source: _Source | None = None  # the name it was discovered under; None: configured as is
+    address: str | None = None
+    draining: bool = False  # vanished from DNS: takes no new request, removed once idle
     outstanding_tokens: int = 0
     in_flight: int = 0
+
+
+# One sample per outcome of clear_backend_requests_total (the label values it can take).
+_OUTCOMES = ("ok", "timeout", "transport", "http_429", "http_5xx", "http_4xx", "bad_response")
 
 
 @dataclass(frozen=True)
@@ -275,11 +369,30 @@ class _PoolMetrics:
     errors: Counter
     requests: Counter
     latency: Histogram
+    outstanding: Gauge
+    in_flight: Gauge
+    breaker: Gauge
+
+    def add(self, ep: _Endpoint) -> None:
+        """The endpoint's gauges, read from it at scrape time: nothing on the hot path."""
+        self.outstanding.labels(ep.label).set_function(lambda: ep.outstanding_tokens)
+        self.in_flight.labels(ep.label).set_function(lambda: ep.in_flight)
+        self.breaker.labels(ep.label).set_function(lambda: _BREAKER_GAUGE_VALUE[ep.breaker.state])
+
+    def remove(self, ep: _Endpoint) -> None:
+        """Every series of a removed endpoint, so labels do not pile up as pods come and go."""
+        for metric in (self.outstanding, self.in_flight, self.breaker, self.errors, self.latency):
+            metric.remove(ep.label)
+        for outcome in _OUTCOMES:
+            self.requests.remove(ep.label, outcome)
 
     @classmethod
-    def create(cls, registry: CollectorRegistry, endpoints: Sequence[_Endpoint]) -> _PoolMetrics:
-        _endpoint_gauges(registry, endpoints)
+    def create(cls, registry: CollectorRegistry) -> _PoolMetrics:
+        outstanding, in_flight, breaker = _endpoint_gauges(registry)
         return cls(
+            outstanding=outstanding,
+            in_flight=in_flight,
+            breaker=breaker,
             errors=Counter(
                 "clear_backend_errors",
                 "Failed backend requests (every attempt, retried or not) per endpoint.",
@@ -304,9 +417,18 @@ class _PoolMetrics:
 
 
 def _outage_gauges(
-    registry: CollectorRegistry, waiting: Callable[[], float], outage: Callable[[], float]
+    registry: CollectorRegistry,
+    waiting: Callable[[], float],
+    outage: Callable[[], float],
+    endpoints: Callable[[], float],
 ) -> None:
     """Pool-wide gauges, read at scrape time like the per-endpoint ones."""
+    Gauge(
+        "clear_backend_endpoints",
+        "Endpoints requests are routed to: the configured ones, or the addresses DNS discovery "
+        "found (draining ones excluded).",
+        registry=registry,
+    ).set_function(endpoints)
     Gauge(
         "clear_backend_waiting_requests",
         "Requests waiting for an endpoint because no circuit breaker lets one through.",
@@ -319,8 +441,8 @@ def _outage_gauges(
     ).set_function(outage)
 
 
-def _endpoint_gauges(registry: CollectorRegistry, endpoints: Sequence[_Endpoint]) -> None:
-    """Gauges read from the endpoints at scrape time: nothing to update on the hot path."""
+def _endpoint_gauges(registry: CollectorRegistry) -> tuple[Gauge, Gauge, Gauge]:
+    """Gauges read from the endpoints at scrape time (`_PoolMetrics.add`)."""
     outstanding = Gauge(
         "clear_backend_outstanding_tokens",
         "Tokens (n * max_tokens) of requests sent or queued per endpoint.",
@@ -339,10 +461,7 @@ def _endpoint_gauges(registry: CollectorRegistry, endpoints: Sequence[_Endpoint]
         ["endpoint"],
         registry=registry,
     )
-    for ep in endpoints:
-        outstanding.labels(ep.label).set_function(lambda ep=ep: ep.outstanding_tokens)
-        in_flight.labels(ep.label).set_function(lambda ep=ep: ep.in_flight)
-        breaker.labels(ep.label).set_function(lambda ep=ep: _BREAKER_GAUGE_VALUE[ep.breaker.state])
+    return outstanding, in_flight, breaker
 
 
 # --- the pool -----------------------------------------------------------------------------------
@@ -356,6 +475,10 @@ class VllmPool:
     Metrics register on `registry`, so one registry holds at most one pool. `outage_wait_s`
     bounds how long a request waits for an endpoint while none can take it (0: fail at once).
     Breaker changes are logged at warning on `logger`.
+
+    `discovery="dns"` resolves each host name of `endpoints` through `resolver` (default:
+    `resolve_addresses`) once before the first request (`start()`, or the first `complete()`)
+    and then every `discovery_interval_s` seconds, one endpoint per address (module docstring).
     """
 
     def __init__(
@@ -379,6 +502,9 @@ class VllmPool:
         transport: Transport | None = None,
         outage_wait_s: float = 600.0,
         logger: structlog.typing.FilteringBoundLogger | None = None,
+        discovery: Discovery = "none",
+        discovery_interval_s: float = 10.0,
+        resolver: Resolver | None = None,
     ) -> None:
         _check_pool_arguments(
             endpoints,
@@ -392,23 +518,14 @@ class VllmPool:
             affinity_entries,
             outage_wait_s,
         )
+        _check_discovery(endpoints, discovery, discovery_interval_s)
         self._log = logger or structlog.get_logger("clearbudget.vllm")
         breaker_settings = breaker or BreakerSettings()
 
         def new_breaker(label: str) -> CircuitBreaker:
             return CircuitBreaker(breaker_settings, clock, self._breaker_listener(label))
 
-        self._endpoints = [
-            _endpoint(i, url, max_concurrency_per_endpoint, new_breaker)
-            for i, url in enumerate(endpoints)
-        ]
-        if transport is None:
-            transport = AiohttpTransport(
-                max_connections=len(self._endpoints) * max_concurrency_per_endpoint,
-                connect_timeout_s=connect_timeout_s,
-            )
-        self._transport = transport
-        self._model = model
+        self._new_breaker = new_breaker
         self._headers = {"Content-Type": "application/json"}
         self._health_headers: dict[str, str] = {}
         if api_key:  # vLLM leaves /health open, but a proxy in front may not
@@ -416,12 +533,45 @@ class VllmPool:
                 f"Bearer {api_key}"
             )
         self._max_concurrency = max_concurrency_per_endpoint
+        self._metrics = _PoolMetrics.create(registry)
+        # The endpoints requests may be routed to, and those that vanished from DNS with
+        # requests still in flight there (no new ones; removed once idle).
+        self._endpoints: list[_Endpoint] = []
+        self._by_label: dict[str, _Endpoint] = {}
+        self._draining: list[_Endpoint] = []
+        self._sources: list[_Source] = []
+        for url in endpoints:
+            source = _source(url) if discovery == "dns" else None
+            if source is None:
+                self._add(self._endpoint(url, None, None))
+                self._metrics.add(self._endpoints[-1])
+            else:
+                self._sources.append(source)
+        self._resolver = resolver or resolve_addresses
+        self._discovery_interval_s = discovery_interval_s
+        self._discovery: asyncio.Task[None] | None = None
+        self._discovered = asyncio.Event()  # every source has been looked up once
+        self._discovery_lock = asyncio.Lock()
+        if not self._sources:
+            self._discovered.set()
+        if transport is None:
+            transport = AiohttpTransport(
+                # With discovery the pod count is not known: the semaphores bound connections.
+                max_connections=None
+                if self._sources
+                else len(self._endpoints) * max_concurrency_per_endpoint,
+                connect_timeout_s=connect_timeout_s,
+            )
+        self._transport = transport
+        self._model = model
         self._request_timeout_s = request_timeout_s
         self._max_attempts = max_attempts
         self._temperature = temperature
         self._extra_body = dict(extra_body or {})
         self._retry_backoff_s = retry_backoff_s
-        self._affinity: OrderedDict[bytes, _Endpoint] = OrderedDict()
+        # Sequence key -> the label of the endpoint that generated it (a label, not the
+        # endpoint: a pod that drops out of DNS and returns keeps its chains).
+        self._affinity: OrderedDict[bytes, str] = OrderedDict()
         self._affinity_entries = affinity_entries
         self._clock = clock
         self._sleep = sleep
@@ -433,11 +583,16 @@ class VllmPool:
         self._wake = asyncio.Event()  # set (and replaced) to wake every waiter at once
         self._watcher: asyncio.Task[None] | None = None
         self._outage_since: float | None = None  # for the log: when the last breaker opened
-        self._metrics = _PoolMetrics.create(registry, self._endpoints)
-        _outage_gauges(registry, lambda: self._waiting, lambda: 0.0 if self._usable() else 1.0)
+        _outage_gauges(
+            registry,
+            lambda: self._waiting,
+            lambda: 0.0 if self._usable() else 1.0,
+            lambda: len(self._endpoints),
+        )
 
     @property
     def endpoints(self) -> tuple[str, ...]:
+        """The base URLs requests may go to now (discovered pods by address)."""
         return tuple(ep.base_url for ep in self._endpoints)
 
     def breaker_states(self) -> dict[str, BreakerState]:
@@ -446,17 +601,44 @@ class VllmPool:
 
     def ready(self) -> bool:
         """Whether a request could be sent now: the pool is open and some breaker lets it pass."""
+        if self._sources and not self._closed:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to start yet
+                self._ensure_discovery()
         return not self._closed and self._usable()
 
+    async def start(self) -> None:
+        """Look the discovered names up once (the first requests then have their pods) and keep
+        looking them up every `discovery_interval_s`; nothing to do without discovery.
+        `complete()` does the same on its first call."""
+        if self._sources and not self._closed:
+            self._ensure_discovery()
+            await self._discovered.wait()
+
+    async def refresh(self) -> None:
+        """Look every discovered name up now and update the endpoints: new addresses join,
+        vanished ones drain; a failed lookup keeps what the name had."""
+        async with self._discovery_lock:
+            answers = await asyncio.gather(*(self._lookup(src) for src in self._sources))
+            if self._closed:
+                return
+            for source, addresses in zip(self._sources, answers, strict=True):
+                if addresses is not None:
+                    self._reconcile(source, addresses)
+            self._discovered.set()
+
     async def aclose(self) -> None:
-        """Refuse new requests, fail the waiting ones, stop the watcher, close the transport."""
+        """Refuse new requests, fail the waiting ones, stop the watcher and the discovery,
+        close the transport."""
         self._closed = True
         self._wake_all()
-        if self._watcher is not None and not self._watcher.done():
-            self._watcher.cancel()
-            # wait(), not `await task`: that would raise the watcher's CancelledError, which
+        self._discovered.set()  # a request waiting for the first lookup fails as closed
+        tasks = {t for t in (self._watcher, self._discovery) if t is not None and not t.done()}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # wait(), not `await task`: that would raise the task's CancelledError, which
             # must not be confused with (or swallow) a cancellation of aclose() itself.
-            await asyncio.wait({self._watcher})
+            await asyncio.wait(tasks)
         await self._transport.aclose()
 
     async def complete(
@@ -472,6 +654,8 @@ class VllmPool:
         if self._closed:
             raise BackendError("the vLLM pool is closed")
         request, payload = self._encode(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        if self._sources:
+            await self.start()  # at once after the first lookup; restarts a discovery that died
         deadline: float | None = None  # of this request's outage waits, all together
         discarded = 0
         while True:
@@ -521,6 +705,134 @@ class VllmPool:
             self._remember(request.prompt, completion, endpoint)
             return completion
         return None
+
+    # --- membership: configured endpoints, DNS discovery, draining -----------------------------
+
+    def _endpoint(self, base_url: str, source: _Source | None, address: str | None) -> _Endpoint:
+        base_url = base_url.rstrip("/")
+        headers, health_headers = self._headers, self._health_headers
+        if source is None or address is None:
+            label = _redact(base_url)
+        else:
+            label = f"{source.label_prefix}/{address}"
+            base_url = _with_address(base_url, address)
+            headers = {**headers, "Host": source.host_header}
+            health_headers = {**health_headers, "Host": source.host_header}
+        return _Endpoint(
+            index=len(self._endpoints),
+            base_url=base_url,
+            completions_url=base_url + "/v1/completions",
+            health_url=base_url + "/health",
+            label=label,
+            semaphore=asyncio.Semaphore(self._max_concurrency),
+            breaker=self._new_breaker(label),
+            headers=headers,
+            health_headers=health_headers,
+            source=source,
+            address=address,
+        )
+
+    def _add(self, ep: _Endpoint) -> None:
+        ep.draining = False
+        ep.index = len(self._endpoints)
+        self._endpoints.append(ep)
+        self._by_label[ep.label] = ep
+
+    def _drain(self, ep: _Endpoint) -> None:
+        """No new request goes to `ep`; those sent or queued there finish, then it is removed."""
+        self._endpoints.remove(ep)
+        for i, live in enumerate(self._endpoints):
+            live.index = i
+        del self._by_label[ep.label]
+        ep.draining = True
+        self._draining.append(ep)
+        self._retire_if_idle(ep)
+
+    def _retire_if_idle(self, ep: _Endpoint) -> None:
+        if ep.draining and ep.in_flight == 0 and ep in self._draining:
+            self._draining.remove(ep)
+            self._metrics.remove(ep)
+            self._log.info("vllm_endpoint_removed", endpoint=ep.label)
+
+    def _ensure_discovery(self) -> None:
+        """Start the discovery loop (or restart one that died); needs a running loop."""
+        if self._discovery is None or self._discovery.done():
+            self._discovery = asyncio.get_running_loop().create_task(
+                self._discover(), name="vllm-pool-discovery"
+            )
+            self._discovery.add_done_callback(self._discovery_ended)
+
+    def _discovery_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._log.error("vllm_discovery_failed", error=repr(task.exception()))
+        self._discovered.set()  # nobody waits on a loop that is gone; the next call restarts it
+
+    async def _discover(self) -> None:
+        while not self._closed:
+            await self.refresh()
+            await asyncio.sleep(self._discovery_interval_s)
+
+    async def _lookup(self, source: _Source) -> list[str] | None:
+        """The addresses `source` has now, or None (logged, rate-limited) if the lookup failed."""
+        try:
+            found = await asyncio.wait_for(
+                self._resolver(source.host, source.port), _RESOLVE_TIMEOUT_S
+            )
+            addresses = list(dict.fromkeys(_canonical_address(str(a)) for a in found))
+        except Exception as exc:  # any failure of the lookup: keep what the name had
+            source.failures += 1
+            source.unreported += 1
+            now = self._clock()
+            if source.warned_at is None or now - source.warned_at >= _DISCOVERY_WARN_EVERY_S:
+                self._log.warning(
+                    "vllm_discovery_lookup_failed",
+                    name=source.host_header,
+                    error=repr(exc),
+                    failures=source.unreported,
+                    kept=sum(ep.source is source for ep in self._endpoints),
+                )
+                source.warned_at, source.unreported = now, 0
+            return None
+        if source.failures:
+            self._log.warning(
+                "vllm_discovery_lookup_recovered", name=source.host_header, failures=source.failures
+            )
+            source.failures = source.unreported = 0
+            source.warned_at = None
+        return addresses
+
+    def _reconcile(self, source: _Source, addresses: list[str]) -> None:
+        """Make `source`'s endpoints the pods at `addresses`: new ones join (a draining one that
+        reappears is taken back, breaker and all), vanished ones drain."""
+        live = {ep.address: ep for ep in self._endpoints if ep.source is source}
+        draining = {ep.address: ep for ep in self._draining if ep.source is source}
+        joined = 0
+        for address in addresses:
+            if address in live:
+                continue
+            back = draining.get(address)
+            if back is not None:
+                self._draining.remove(back)
+                self._add(back)
+            else:
+                self._add(self._endpoint(source.base_url, source, address))
+                self._metrics.add(self._endpoints[-1])
+            joined += 1
+            self._log.info("vllm_endpoint_added", endpoint=self._endpoints[-1].label)
+        for address, ep in live.items():
+            if address not in addresses:
+                self._log.info("vllm_endpoint_draining", endpoint=ep.label, in_flight=ep.in_flight)
+                self._drain(ep)
+        if not addresses and (not source.empty or not source.resolved):
+            self._log.warning("vllm_discovery_no_address", name=source.host_header)
+        source.resolved, source.empty = True, not addresses
+        if joined:
+            if self._outage_since is not None and self._usable():  # new pods, fresh breakers
+                lasted = self._clock() - self._outage_since
+                self._outage_since = None
+                self._log.warning("vllm_outage_over", duration_s=lasted, waiting=self._waiting)
+            self._wake_all()  # requests waiting out an outage may take the new pods
 
     # --- outages: waiting, probing, waking ----------------------------------------------------
 
@@ -607,7 +919,7 @@ class VllmPool:
         """`GET /health`; a 200 half-opens the breaker, so the next request is its trial."""
         try:
             status, _ = await self._transport.get(
-                ep.health_url, self._health_headers, _HEALTH_TIMEOUT_S
+                ep.health_url, ep.health_headers, _HEALTH_TIMEOUT_S
             )
         except TransportError:
             return  # still down: the next tick tries again
@@ -673,10 +985,11 @@ class VllmPool:
 
     def _affinity_for(self, prompt: str | Sequence[int]) -> _Endpoint | None:
         key = _sequence_key(prompt)
-        endpoint = self._affinity.get(key)
-        if endpoint is not None:
-            self._affinity.move_to_end(key)
-        return endpoint
+        label = self._affinity.get(key)
+        if label is None:
+            return None
+        self._affinity.move_to_end(key)
+        return self._by_label.get(label)  # None while that pod is out of the pool
 
     def _remember(self, prompt: str | Sequence[int], completion: Completion, ep: _Endpoint) -> None:
         """Map each sample's full sequence to `ep`, whose prefix cache now holds it."""
@@ -684,12 +997,12 @@ class VllmPool:
             return
         for sample in completion.samples:
             if isinstance(prompt, str):
-                self._affinity[_sequence_key(prompt + sample.text)] = ep
+                self._affinity[_sequence_key(prompt + sample.text)] = ep.label
             ids = completion.prompt_token_ids
             if ids is None and not isinstance(prompt, str):
                 ids = tuple(prompt)
             if ids is not None and sample.token_ids is not None:
-                self._affinity[_sequence_key([*ids, *sample.token_ids])] = ep
+                self._affinity[_sequence_key([*ids, *sample.token_ids])] = ep.label
         while len(self._affinity) > self._affinity_entries:
             self._affinity.popitem(last=False)
 
@@ -713,7 +1026,9 @@ class VllmPool:
             ep.outstanding_tokens -= cost
             ep.in_flight -= 1
             ep.breaker.finish(verdict, trial=trial)
-            if self._waiting and ep.breaker.available():  # closed, or its trial slot is free
+            if ep.draining:
+                self._retire_if_idle(ep)
+            elif self._waiting and ep.breaker.available():  # closed, or its trial slot is free
                 self._wake_all()
 
     async def _send(self, ep: _Endpoint, payload: bytes, *, n: int) -> Completion:
@@ -738,7 +1053,7 @@ class VllmPool:
             raise BackendError("the vLLM pool is closed")
         try:
             return await self._transport.post(
-                ep.completions_url, payload, self._headers, self._request_timeout_s
+                ep.completions_url, payload, ep.headers, self._request_timeout_s
             )
         except TransportTimeout as exc:
             raise _RetryableError("timeout", str(exc)) from exc
@@ -804,20 +1119,56 @@ def redact(text: str) -> str:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _endpoint(
-    index: int, url: str, concurrency: int, breaker: Callable[[str], CircuitBreaker]
-) -> _Endpoint:
-    base_url = url.rstrip("/")
-    label = _redact(base_url)
-    return _Endpoint(
-        index=index,
-        base_url=base_url,
-        completions_url=base_url + "/v1/completions",
-        health_url=base_url + "/health",
-        label=label,
-        semaphore=asyncio.Semaphore(concurrency),
-        breaker=breaker(label),
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _source(url: str) -> _Source | None:
+    """`url` as a name to discover, or None when its host is an IP literal (taken as is)."""
+    parts = urlsplit(url.rstrip("/"))
+    host = parts.hostname or ""
+    if _is_ip(host):
+        return None
+    hostport = parts.netloc.rpartition("@")[2]
+    return _Source(
+        base_url=url.rstrip("/"),
+        host=host,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        host_header=hostport,
+        label_prefix=hostport + parts.path,
     )
+
+
+def _canonical_address(address: str) -> str:
+    """An address as a URL and a label write it: IPv6 compressed, no zone index."""
+    return str(ipaddress.ip_address(address.partition("%")[0]))
+
+
+def _with_address(base_url: str, address: str) -> str:
+    """`base_url` with its host replaced by `address` (credentials, port and path kept)."""
+    parts = urlsplit(base_url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host = f"[{address}]" if ":" in address else address
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit((parts.scheme, f"{userinfo}{at}{host}{port}", parts.path, "", ""))
+
+
+def _check_discovery(endpoints: Sequence[str], discovery: str, discovery_interval_s: float) -> None:
+    if discovery not in ("none", "dns"):
+        raise ValueError(f"discovery: must be 'none' or 'dns', got {discovery!r}")
+    if not discovery_interval_s > 0:
+        raise ValueError(f"discovery_interval_s: must be > 0, got {discovery_interval_s!r}")
+    if discovery == "dns":
+        prefixes = [src.label_prefix for url in endpoints if (src := _source(url)) is not None]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(
+                f"endpoints: with DNS discovery two base URLs differ only in their scheme or "
+                f"credentials ({sorted(prefixes)}): their pods would share metric labels"
+            )
 
 
 def _check_pool_arguments(

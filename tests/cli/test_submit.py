@@ -21,7 +21,7 @@ from daemon.cli import app
 from daemon.cli.results import STATUSES, ResultFilter, ResultPrinter, stream_results
 from daemon.cli.submit import InvalidInput, parse_lines, prompt_request
 from daemon.replay.embedded import free_loopback_port
-from schemas.messages import QueryResult, Status
+from schemas.messages import QueryResult, ReasonCode, Status
 
 LIMIT = 256 * 1024
 
@@ -202,7 +202,8 @@ def test_statuses_spelt_out_match_the_schema() -> None:
 def result(qid: str, status: Status = Status.ANSWERED) -> QueryResult:
     if status is Status.ANSWERED:
         return QueryResult(id=qid, status=status, answer="4", tokens_used=120, tokens_probe=64,
-                           allocated_tokens=300, shadow_price=0.0012, window_id="w-1")  # fmt: skip
+                           allocated_tokens=300, shadow_price=0.0012, window_id="w-1",
+                           reason_code=ReasonCode.CHAIN_FINISHED)  # fmt: skip
     return QueryResult.unspent(qid, status, "bad input")
 
 
@@ -225,9 +226,11 @@ def test_results_print_as_json_lines_or_table_rows(capsys: pytest.CaptureFixture
     table.print(result("q-answered"))
     table.print(result("q-rejected", Status.REJECTED))
     header, first, second = capsys.readouterr().out.splitlines()
-    assert header.split()[:3] == ["id", "status", "tokens"]
-    assert first.split() == ["q-answered", "answered", "120", "64", "300", "0.0012", "4"]
-    assert second.split()[:2] == ["q-rejected", "rejected"]
+    assert header.split()[:4] == ["id", "status", "code", "tokens"]
+    assert first.split() == [
+        "q-answered", "answered", "chain_finished", "120", "64", "300", "0.0012", "4"
+    ]  # fmt: skip
+    assert second.split()[:3] == ["q-rejected", "rejected", "invalid_input"]
     assert "bad input" in second
     assert table.printed == 2
 
@@ -236,7 +239,8 @@ def test_table_cells_are_text_not_markup(capsys: pytest.CaptureFixture[str]) -> 
     printer = ResultPrinter(json_out=False)
     printer.print(QueryResult(id="m", status=Status.ANSWERED, answer="[bold]x[/bold]\nmore",
                               tokens_used=1, tokens_probe=0, allocated_tokens=1,
-                              shadow_price=None, window_id=None))  # fmt: skip
+                              shadow_price=None, window_id=None,
+                              reason_code=ReasonCode.CHAIN_FINISHED))  # fmt: skip
     _, row = capsys.readouterr().out.splitlines()
     assert row.split()[-2:] == ["[bold]x[/bold]", "more"]
 

@@ -203,6 +203,15 @@ async def test_max_tokens_below_the_probe_ends_in_the_probe() -> None:
     assert short.tokens_used == 100
 
 
+async def test_several_probe_samples_together_stay_within_max_tokens() -> None:
+    policy = ClearPolicy(ProbePlan(samples=2, tokens=256), PriorBook())
+    mid = prompt_for(POOL.get("m/mid"))
+    items = (PendingQuery(QueryRequest(id="capped", prompt=mid, max_tokens=300), 0.0),)
+    outcome = await pipeline(policy).run(Window("w-3", 0.0, 2.0, items), 1e6)
+    (result,) = outcome.results
+    assert 0 < result.tokens_probe <= result.tokens_used <= 300
+
+
 class ContinueCensored:
     """Continue the censored probe chain with a fixed budget; fall back on the finished one."""
 

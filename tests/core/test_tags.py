@@ -17,7 +17,7 @@ from daemon.core.tags import OTHER, TagBudgets, TagShare
 from daemon.core.windowing import Window
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from daemon.replay.simulator import SimulatedBackend, prompt_for
-from schemas.messages import QueryRequest, QueryResult, Status
+from schemas.messages import QueryRequest, QueryResult, ReasonCode, Status
 from solver.cvx import CvxpyAllocator
 from solver.fit import ProbeOutcome, ProbePlan
 
@@ -225,7 +225,8 @@ def test_spend_is_counted_per_entry_and_other() -> None:
     items = [PendingQuery(request(i, t, "easy"), 0.0) for i, t in enumerate(["acme", "x", None])]
     results = [
         QueryResult(id=item.request.id, status=Status.ANSWERED, tokens_used=100 * (i + 1),
-                    tokens_probe=0, allocated_tokens=0, shadow_price=0.0, window_id="w")
+                    tokens_probe=0, allocated_tokens=0, shadow_price=0.0, window_id="w",
+                    reason_code=ReasonCode.CHAIN_FINISHED)
         for i, item in enumerate(items)
     ]  # fmt: skip
     spend = tag_spend(budgets, items, results)

@@ -346,3 +346,41 @@ def test_a_bad_tag_budget_names_the_variable_and_the_entry(value: str, entry: st
     assert problem.startswith("CLEAR_TAG_BUDGETS: ")
     assert entry in problem
     assert "\n" not in problem
+
+
+def test_vllm_discovery_is_off_by_default_and_dns_builds_a_discovering_pool() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from daemon.app import build_backend
+
+    defaults = load_settings({})
+    assert (defaults.vllm_discovery, defaults.vllm_discovery_interval_seconds) == ("none", 10.0)
+    settings = load_settings(
+        {
+            "CLEAR_VLLM_ENDPOINTS": "http://vllm:8000",
+            "CLEAR_VLLM_DISCOVERY": " DNS ",
+            "CLEAR_VLLM_DISCOVERY_INTERVAL_SECONDS": "2.5",
+        }
+    )
+    assert (settings.vllm_discovery, settings.vllm_discovery_interval_seconds) == ("dns", 2.5)
+    pool = build_backend(settings, CollectorRegistry())
+    assert pool.breaker_states() == {}  # the pods are known once the name is looked up
+    assert pool._discovery_interval_s == 2.5
+    assert build_backend(defaults, CollectorRegistry()).breaker_states() == {
+        "http://localhost:8000": "closed"
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CLEAR_VLLM_DISCOVERY": "srv"}, r"CLEAR_VLLM_DISCOVERY: .*'none' or 'dns'"),
+        ({"CLEAR_VLLM_DISCOVERY_INTERVAL_SECONDS": "0"}, r"INTERVAL_SECONDS: .*greater than 0"),
+        (
+            {"CLEAR_VLLM_DISCOVERY": "dns", "CLEAR_VLLM_ENDPOINTS": "http://v:1,https://v:1"},
+            r"CLEAR_VLLM_ENDPOINTS names v:1 twice",
+        ),
+    ],
+)
+def test_bad_vllm_discovery_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
+    assert re.search(expected, problems_of(env)), problems_of(env)

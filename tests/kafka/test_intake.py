@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from daemon.kafka.intake import DUPLICATE_ID_ERROR, Intake, IntakeLimits, Rejection
-from schemas import DeadLetter, QueryRequest, QueryResult, Status
+from schemas import DeadLetter, QueryRequest, QueryResult, ReasonCode, Status
 from schemas.types import ID_PATTERN, MAX_EPOCH_SECONDS, TAG_KEY_PATTERN
 
 NOW = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
@@ -247,6 +247,7 @@ def test_rejection_carries_dlq_record_and_rejected_result() -> None:
         shadow_price=None,
         window_id=None,
         reason="weight: must be >= 0",
+        reason_code=ReasonCode.INVALID_INPUT,
     )
 
 

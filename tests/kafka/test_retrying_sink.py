@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiokafka.errors import KafkaConnectionError
 
 from daemon.kafka.sinks import BrokerHealth, RetryingSink
-from schemas.messages import DeadLetter, QueryResult, Status, WindowReport
+from schemas.messages import DeadLetter, QueryResult, ReasonCode, Status, WindowReport
 
 
 class FlakySink:
@@ -36,7 +36,7 @@ async def test_publish_retries_with_backoff_until_the_broker_is_back() -> None:
     sink = RetryingSink(inner, health, max_backoff_s=1.0, sleep=fake_sleep)
     result = QueryResult(
         id="q1", status=Status.ABANDONED, tokens_used=0, tokens_probe=0, allocated_tokens=0,
-        shadow_price=0.5, window_id="w-1",
+        shadow_price=0.5, window_id="w-1", reason_code=ReasonCode.INSOLVENT,
     )  # fmt: skip
     await sink.publish_results([result])
     assert inner.published == [result]

@@ -20,7 +20,7 @@ from daemon.kafka.sinks import (
     RetryingSink,
 )
 from daemon.settings import load_settings
-from schemas.messages import QueryResult, Status, WindowReport
+from schemas.messages import QueryResult, ReasonCode, Status, WindowReport
 
 SETTINGS = load_settings(
     {"CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1", "CLEAR_WINDOW_TOPIC": "clear.windows"},
@@ -56,6 +56,7 @@ def result(i: int, text: str = "") -> QueryResult:
     return QueryResult(
         id=f"q{i}", status=Status.ANSWERED, answer="7", text=text or None, tokens_used=10,
         tokens_probe=0, allocated_tokens=10, shadow_price=0.1, window_id="w-1",
+        reason_code=ReasonCode.CHAIN_FINISHED,
     )  # fmt: skip
 
 

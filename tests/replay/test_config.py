@@ -20,7 +20,7 @@ from daemon.replay.report import ReplayReport, score
 from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from daemon.replay.simulator import ChainRef, format_marker
 from daemon.settings import load_settings
-from schemas.messages import QueryRequest, QueryResult, Status
+from schemas.messages import QueryRequest, QueryResult, Status, reason_codes_of
 
 CONTRACT_KEYS = [
     "policy", "queries", "answered", "abandoned", "failed", "mean_accuracy", "tokens_total",
@@ -100,6 +100,7 @@ def result(qid: str, status: Status, chain: int | None, used: int, probe: int) -
     return QueryResult(
         id=qid, status=status, text=text, tokens_used=used, tokens_probe=probe,
         allocated_tokens=used, window_id="w0", shadow_price=0.0,
+        reason_code=reason_codes_of(status)[0], reason="why" if status is Status.FAILED else None,
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,13 @@ from typer.testing import CliRunner
 from daemon.cli import app
 from schemas import (
     DEFAULT_MAX_PROMPT_BYTES,
+    REASON_STATUS,
+    RESULT_SCHEMA_VERSION,
+    Curve,
     DeadLetter,
     QueryRequest,
     QueryResult,
+    ReasonCode,
     Status,
     WindowReport,
 )
@@ -47,8 +52,16 @@ def result(**fields: Any) -> dict[str, Any]:
         "allocated_tokens": 1200,
         "shadow_price": 0.0004,
         "window_id": "w-17",
+        "reason_code": "chain_finished",
     }
     return {**base, **fields}
+
+
+def result_v1(**fields: Any) -> dict[str, Any]:
+    """A result as daemons before schema version 2 wrote it (no reason code, no curve)."""
+    payload = {**result(), "schema_version": 1, "reason": None}
+    del payload["reason_code"]
+    return {**payload, **fields}
 
 
 def window(**fields: Any) -> dict[str, Any]:
@@ -242,13 +255,15 @@ def test_deadline_rejects_ambiguous_or_invalid_values(deadline: Any) -> None:
 # --- QueryResult ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", list(Status))
-def test_result_accepts_every_status_from_json(status: Status) -> None:
-    payload = result(status=status.value, reason="backend timed out")
+@pytest.mark.parametrize("code", list(ReasonCode))
+def test_result_accepts_every_status_with_each_of_its_codes_from_json(code: ReasonCode) -> None:
+    status = REASON_STATUS[code]
+    payload = result(status=status.value, reason="backend timed out", reason_code=code.value)
     if status is Status.REJECTED:  # refused at the edge: nothing was generated
         payload.update(tokens_used=0, tokens_probe=0)
     parsed = QueryResult.model_validate_json(json.dumps(payload))
-    assert parsed.status is status
+    assert (parsed.status, parsed.reason_code, code.status) == (status, code, status)
+    assert parsed.schema_version == RESULT_SCHEMA_VERSION == 2
     assert QueryResult.model_validate_json(parsed.model_dump_json()) == parsed
 
 
@@ -262,6 +277,7 @@ def test_rejected_result_has_null_price_and_window() -> None:
         shadow_price=None,
         window_id=None,
         reason="weight: must be >= 0",
+        reason_code="invalid_input",
     )
     assert QueryResult.model_validate(payload).status is Status.REJECTED
 
@@ -281,6 +297,25 @@ def test_rejected_result_has_null_price_and_window() -> None:
         ({"allocated_tokens": -5}, "greater than or equal"),
         ({"window_id": "w 17"}, "pattern"),
         ({"extra": 1}, "Extra inputs"),
+        ({"reason_code": None}, "reason_code is required"),
+        ({"reason_code": "done"}, "reason_code"),
+        ({"reason_code": "insolvent"}, "belongs to status abandoned, not answered"),
+        ({"schema_version": 3}, "schema_version"),
+        ({"schema_version": True}, "must be the integer 1 or 2"),
+        ({"schema_version": "2"}, "must be the integer 1 or 2"),
+        ({"expected_accuracy": 0.5}, "needs the curve"),
+        ({"curve": {"A": 0.9, "tau": 100, "beta": 0.01}}, "needs expected_accuracy"),
+        (
+            {"curve": {"A": 0.9, "tau": 100, "beta": 0.01}, "expected_accuracy": 0.1},
+            "not the curve",
+        ),
+        ({"curve": {"A": 1.1, "tau": 0, "beta": 0.01}, "expected_accuracy": 1}, "curve.A"),
+        ({"curve": {"A": 0.5, "tau": -1, "beta": 0.01}, "expected_accuracy": 0.5}, "curve.tau"),
+        ({"curve": {"A": 0.5, "tau": 0, "beta": 0}, "expected_accuracy": 0}, "curve.beta"),
+        ({"curve": {"A": 0.5, "tau": 0, "beta": INF}, "expected_accuracy": 0.5}, "curve.beta"),
+        ({"curve": {"A": 0.5, "tau": 0}, "expected_accuracy": 0.5}, "curve.beta"),
+        ({"curve": {"A": 0.5, "tau": 0, "beta": 1, "w": 3}, "expected_accuracy": 0.5}, "curve.w"),
+        ({"curve": [0.5, 0, 1], "expected_accuracy": 0.5}, "curve"),
     ],
 )
 def test_result_rejects_inconsistent_or_invalid_fields(
@@ -295,6 +330,67 @@ def test_result_requires_the_contract_keys_even_when_null() -> None:
     del payload["shadow_price"]
     with pytest.raises(ValidationError, match="shadow_price"):
         QueryResult.model_validate(payload)
+
+
+def test_every_reason_code_has_one_status_and_every_status_has_codes() -> None:
+    assert set(REASON_STATUS) == set(ReasonCode)
+    assert set(REASON_STATUS.values()) == set(Status)
+    assert all(code.status is REASON_STATUS[code] for code in ReasonCode)
+
+
+def test_a_version_1_result_from_an_older_daemon_still_reads() -> None:
+    parsed = QueryResult.model_validate_json(json.dumps(result_v1()))
+    assert (parsed.schema_version, parsed.reason_code, parsed.curve) == (1, None, None)
+    assert parsed.expected_accuracy is None
+    assert QueryResult.model_validate_json(parsed.model_dump_json()) == parsed
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reason_code": "chain_finished"},
+        {"curve": {"A": 0.5, "tau": 0, "beta": 1}, "expected_accuracy": 0.5},
+        {"expected_accuracy": 0.5},
+    ],
+)
+def test_a_version_1_result_has_none_of_the_version_2_fields(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="version 1 result has no reason_code"):
+        QueryResult.model_validate(result_v1(**fields))
+
+
+def test_result_curve_and_expected_accuracy_agree_at_the_allocation() -> None:
+    curve = {"A": 0.8, "tau": 200, "beta": 0.004}  # JSON integers are numbers too
+    expected = 0.8 * (1 - math.exp(-0.004 * (1200 - 200)))
+    payload = result(curve=curve, expected_accuracy=expected)
+    parsed = QueryResult.model_validate_json(json.dumps(payload))
+    assert parsed.curve == Curve(A=0.8, tau=200.0, beta=0.004)
+    assert parsed.expected_accuracy == pytest.approx(expected)
+    assert parsed.curve.value(parsed.allocated_tokens) == pytest.approx(expected)
+    assert QueryResult.model_validate_json(parsed.model_dump_json()) == parsed
+
+
+@pytest.mark.parametrize(
+    ("tokens", "value"), [(0, 0.0), (200, 0.0), (201, 0.8 * (1 - math.exp(-0.004))), (1e9, 0.8)]
+)
+def test_curve_value_is_the_shifted_surge(tokens: float, value: float) -> None:
+    assert Curve(A=0.8, tau=200, beta=0.004).value(tokens) == pytest.approx(value, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (Status.REJECTED, ReasonCode.INVALID_INPUT),
+        (Status.FAILED, ReasonCode.WINDOW_ERROR),
+        (Status.ABANDONED, ReasonCode.SHUTDOWN),
+        (Status.EXPIRED, ReasonCode.DEADLINE),
+    ],
+)
+def test_an_unspent_result_gets_its_status_default_code(status: Status, code: ReasonCode) -> None:
+    unspent = QueryResult.unspent("q-1", status, "why", shadow_price=0.0)
+    assert (unspent.reason_code, unspent.tokens_used, unspent.curve) == (code, 0, None)
+    told = QueryResult.unspent("q-1", Status.ABANDONED, "why", shadow_price=0.0,
+                               reason_code=ReasonCode.HANDOVER)  # fmt: skip
+    assert told.reason_code is ReasonCode.HANDOVER
 
 
 # --- WindowReport -----------------------------------------------------------------------
@@ -385,8 +481,42 @@ def test_drift_check_notices_stale_missing_and_orphan_files(tmp_path: Path) -> N
 def test_every_schema_has_a_version_const_and_forbids_unknown_fields() -> None:
     for name in SCHEMA_MODELS:
         document = schema_document(name)
-        assert document["properties"]["schema_version"]["const"] == 1, name
+        version = document["properties"]["schema_version"]
+        if name == "query_result":  # version 2, still reading 1 (docs/contracts.md)
+            assert (version["enum"], version["default"]) == ([1, 2], 2)
+        else:
+            assert version["const"] == 1, name
         assert document["additionalProperties"] is False, name
+
+
+def test_result_json_schema_agrees_with_the_model_on_examples() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(schema_document("query_result"))
+    curve = {"A": 0.5, "tau": 0, "beta": 1}
+    rejected = {"status": "rejected", "tokens_used": 0, "tokens_probe": 0, "reason": "bad"}
+    good = [
+        result(),
+        result_v1(),
+        result(status="abandoned", reason_code="insolvent", curve=curve, expected_accuracy=0.5),
+        result(**rejected, reason_code="invalid_input", shadow_price=None, window_id=None),
+    ]
+    bad = [
+        result(reason_code=None),
+        {k: v for k, v in result().items() if k != "reason_code"},
+        result(reason_code="insolvent"),  # an abandoned code on an answered result
+        result(**rejected, reason_code="window_error"),
+        result(expected_accuracy=0.5),
+        result(curve=curve),
+        result_v1(reason_code="chain_finished"),
+        result(schema_version=3),
+    ]
+    for payload in good:
+        QueryResult.model_validate(payload)
+        assert validator.is_valid(payload), payload
+    for payload in bad:
+        with pytest.raises(ValidationError):
+            QueryResult.model_validate(payload)
+        assert not validator.is_valid(payload), payload
 
 
 def test_json_schema_agrees_with_the_model_on_examples() -> None:
@@ -435,3 +565,36 @@ def test_schema_command_names_the_choices_for_an_unknown_schema() -> None:
     assert outcome.exit_code == 2
     assert "unknown schema 'query'" in outcome.output
     assert "query-request" in outcome.output
+
+
+# --- docs/contracts.md ------------------------------------------------------------------
+
+CONTRACTS = Path(__file__).resolve().parents[2] / "docs" / "contracts.md"
+
+
+def _section(doc: str, title: str) -> str:
+    start = doc.index(f"## {title}")
+    end = doc.find("\n## ", start + 1)
+    return doc[start : end if end >= 0 else None]
+
+
+@pytest.mark.parametrize(
+    ("model", "title"),
+    [
+        (QueryRequest, "QueryRequest"),
+        (QueryResult, "QueryResult"),
+        (DeadLetter, "DeadLetter"),
+        (WindowReport, "WindowReport"),
+    ],
+)
+def test_contracts_doc_describes_every_field(model: type[Any], title: str) -> None:
+    section = _section(CONTRACTS.read_text(encoding="utf-8"), title)
+    fields = set(model.model_fields) | (set(Curve.model_fields) if model is QueryResult else set())
+    missing = sorted(f for f in fields if f"`{f}`" not in section)
+    assert not missing, f"docs/contracts.md, {title}: no row for {missing}"
+
+
+def test_contracts_doc_names_every_reason_code_with_its_status() -> None:
+    doc = CONTRACTS.read_text(encoding="utf-8")
+    for code in ReasonCode:
+        assert f"| {code.status.value} | `{code.value}` |" in doc, code
