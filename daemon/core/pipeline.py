@@ -67,6 +67,7 @@ class _Query:
     probe: Completion | None = None
     outcomes: tuple[ProbeOutcome, ...] = ()  # of the probe's samples, parsed once
     probe_tokens: int = 0
+    probe_cut: bool = False  # its own max_tokens cut the probe short: nothing left to decide
     dispatch_tokens: int = 0
     allocated: int = 0
     curve: Curve | None = None  # the curve the allocation priced it on, if any
@@ -150,7 +151,9 @@ class WindowPipeline:
             request=query.request,
             outcomes=query.outcomes,
             probe_tokens=query.probe_tokens,
-            cap_left=max(self._cap(query.request) - query.probe_tokens, 0),
+            cap_left=0
+            if query.probe_cut
+            else max(self._cap(query.request) - query.probe_tokens, 0),
         )
 
     # --- steps ----------------------------------------------------------------------------
@@ -171,6 +174,7 @@ class WindowPipeline:
         async def probe_one(query: _Query) -> None:
             # All k samples together stay within the query's own max_tokens.
             max_tokens = max(min(plan.tokens, self._cap(query.request) // plan.samples), 1)
+            query.probe_cut = max_tokens < plan.tokens
             probe = await self._request(
                 query, "probe", query.request.prompt, plan.samples, max_tokens, window_id, None
             )

@@ -212,6 +212,18 @@ async def test_several_probe_samples_together_stay_within_max_tokens() -> None:
     assert 0 < result.tokens_probe <= result.tokens_used <= 300
 
 
+async def test_a_probe_cut_by_the_querys_own_cap_ends_the_query_in_the_probe() -> None:
+    """Found by hypothesis: 2 samples within max_tokens=3 run 1 token each; the fit must not
+    read them as censored 16-token probes."""
+    policy = ClearPolicy(ProbePlan(samples=2, tokens=16), PriorBook())
+    mid = prompt_for(POOL.get("m/mid"))
+    items = (PendingQuery(QueryRequest(id="tiny", prompt=mid, max_tokens=3), 0.0),)
+    outcome = await pipeline(policy).run(Window("w-4", 0.0, 2.0, items), 32.0)
+    (result,) = outcome.results
+    assert result.tokens_used <= 3
+    assert result.status is Status.ABANDONED
+
+
 class ContinueCensored:
     """Continue the censored probe chain with a fixed budget; fall back on the finished one."""
 
