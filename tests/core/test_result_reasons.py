@@ -341,7 +341,8 @@ def test_every_result_adds_up_and_explains_itself(
         if code in (ReasonCode.PROBE_ANSWERED, ReasonCode.INSOLVENT, ReasonCode.CAP_SPENT_IN_PROBE):
             assert continuation == 0
         if code is ReasonCode.CAP_SPENT_IN_PROBE:
-            assert result.tokens_probe >= cap
+            # The k samples share the cap (cap // k each): up to k - 1 tokens are left over.
+            assert result.tokens_probe >= cap - (max(plan.samples, 1) - 1)
         if code in (ReasonCode.CUT_AT_ALLOCATION, ReasonCode.CUT_WITH_PROBE_ANSWER):
             assert continuation == result.allocated_tokens > 0
         if code is ReasonCode.CHAIN_FINISHED:
