@@ -33,7 +33,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rig import broker_and_simulator, create_topics, peak_rss_mib
 
-from daemon.replay.embedded import free_loopback_port, wait_for_port
+from clearbudget.daemon.replay.embedded import free_loopback_port, wait_for_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -112,7 +112,7 @@ async def run_mode(
         "CLEAR_LOG_LEVEL": "WARNING",
     }
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run"], env=env,
+        [sys.executable, "-m", "clearbudget.daemon.cli", "run"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -2,9 +2,9 @@
 
 Usage: python benchmarks/help_bench.py [--repeats 5]
 Each run is a fresh interpreter (the installed `clearbudget` script next to this Python, or
-`python -m daemon.cli` without it), timed from spawn to exit; the table shows the median and the
-slowest of `--repeats` runs per command. Exits 1 if any `--help` fails or any median exceeds
-`--limit` seconds (default 1.0).
+`python -m clearbudget.daemon.cli` without it), timed from spawn to exit; the table shows the
+median and the slowest of `--repeats` runs per command. Exits 1 if any `--help` fails or any
+median exceeds `--limit` seconds (default 1.0).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from daemon.cli import app
+from clearbudget.daemon.cli import app
 
 
 def clearbudget_command() -> list[str]:
@@ -28,7 +28,7 @@ def clearbudget_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     found = shutil.which("clearbudget")
-    return [found] if found else [sys.executable, "-m", "daemon.cli"]
+    return [found] if found else [sys.executable, "-m", "clearbudget.daemon.cli"]
 
 
 def command_names() -> list[str]:

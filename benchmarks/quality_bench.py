@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from daemon.replay.config import (
+from clearbudget.daemon.replay.config import (
     RecordExtras,
     ReplayConfig,
     ReplayQuery,
@@ -47,19 +47,19 @@ from daemon.replay.config import (
     one_lap_error,
     read_extras,
 )
-from daemon.replay.inprocess import replay
-from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import (
+from clearbudget.daemon.replay.inprocess import replay
+from clearbudget.daemon.replay.report import ReplayReport
+from clearbudget.daemon.replay.rollouts import (
     RolloutPool,
     RolloutRecord,
     load_rollouts,
     oracle_allocation,
     uniform_at_cost,
 )
-from daemon.replay.traces import Arrival
-from solver.difficulty import DifficultyModel, QueryInfo
-from solver.fit import ProbeOutcome, ProbePlan
-from solver.query_fit import allocate_curves, fit_queries
+from clearbudget.daemon.replay.traces import Arrival
+from clearbudget.solver.difficulty import DifficultyModel, QueryInfo
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.query_fit import allocate_curves, fit_queries
 
 DEFAULT_POOL = Path(__file__).resolve().parents[1] / "data" / "rollouts.jsonl"
 DEFAULT_BUDGETS = (250, 375, 500, 750, 1000, 1500, 2000)

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.replay.embedded import free_loopback_port, start_embedded_broker, wait_for_port
+from clearbudget.daemon.replay.embedded import (
+    free_loopback_port,
+    start_embedded_broker,
+    wait_for_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLLOUTS = ROOT / "data" / "rollouts.jsonl"
@@ -31,8 +35,8 @@ async def broker_and_simulator(simulator_args: Sequence[str] = ()) -> AsyncItera
     broker = start_embedded_broker()
     port = free_loopback_port()
     simulator = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
-         "--port", str(port), *simulator_args],
+        [sys.executable, "-m", "clearbudget.daemon.cli", "simulate-backend",
+         "--rollouts", str(ROLLOUTS), "--port", str(port), *simulator_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

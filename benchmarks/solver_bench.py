@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from solver import CvxpyAllocator, WindowProblem, solve_window
+from clearbudget.solver import CvxpyAllocator, WindowProblem, solve_window
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # Slow paths are skipped above these sizes (minutes per solve, or an LP of n·cuts rows).

@@ -37,10 +37,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rig import ROLLOUTS, broker_and_simulator, create_topics, peak_rss_mib
 
-from daemon.replay.embedded import free_loopback_port, wait_for_port
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.simulator import prompt_for
-from schemas.messages import QueryResult
+from clearbudget.daemon.replay.embedded import free_loopback_port, wait_for_port
+from clearbudget.daemon.replay.rollouts import load_rollouts
+from clearbudget.daemon.replay.simulator import prompt_for
+from clearbudget.schemas.messages import QueryResult
 
 
 def query_values(run_id: str, count: int, seed: int) -> list[bytes]:
@@ -54,7 +54,7 @@ def query_values(run_id: str, count: int, seed: int) -> list[bytes]:
 
 def start_daemon(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run"], env=env,
+        [sys.executable, "-m", "clearbudget.daemon.cli", "run"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     wait_for_port("127.0.0.1", port, 60, daemon)
@@ -223,8 +223,8 @@ async def run_rolling(
 
 def start_pod(port: int) -> subprocess.Popen[bytes]:
     pod = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(ROLLOUTS),
-         "--port", str(port)],
+        [sys.executable, "-m", "clearbudget.daemon.cli", "simulate-backend",
+         "--rollouts", str(ROLLOUTS), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     wait_for_port("127.0.0.1", port, 60, pod)

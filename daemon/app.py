@@ -17,28 +17,28 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from daemon.core.budget import BudgetLedger
-from daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import WindowPipeline
-from daemon.core.policies import AllocationPolicy, ClearPolicy
-from daemon.core.ports import CompletionBackend
-from daemon.core.tag_spend import TagSpendPipeline
-from daemon.http_server import HealthChecks, start_http_server
-from daemon.kafka.clients import start_clients, window_reports_possible
-from daemon.kafka.feedback import (
+from clearbudget.daemon.core.budget import BudgetLedger
+from clearbudget.daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import WindowPipeline
+from clearbudget.daemon.core.policies import AllocationPolicy, ClearPolicy
+from clearbudget.daemon.core.ports import CompletionBackend
+from clearbudget.daemon.core.tag_spend import TagSpendPipeline
+from clearbudget.daemon.http_server import HealthChecks, start_http_server
+from clearbudget.daemon.kafka.clients import start_clients, window_reports_possible
+from clearbudget.daemon.kafka.feedback import (
     FeedbackLoop,
     holds_first_partition,
     start_feedback_consumer,
     stop_feedback,
 )
-from daemon.kafka.intake import Intake, IntakeLimits
-from daemon.kafka.service import Daemon
-from daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
-from daemon.settings import Scrubber, Settings
-from daemon.vllm.pool import VllmPool
-from solver.fit import ProbePlan
-from solver.priors import PriorBook
+from clearbudget.daemon.kafka.intake import Intake, IntakeLimits
+from clearbudget.daemon.kafka.service import Daemon
+from clearbudget.daemon.kafka.sinks import BrokerHealth, KafkaResultSink, RetryingSink
+from clearbudget.daemon.settings import Scrubber, Settings
+from clearbudget.daemon.vllm.pool import VllmPool
+from clearbudget.solver.fit import ProbePlan
+from clearbudget.solver.priors import PriorBook
 
 # A poll loop silent for this long means the consumer is stuck (max_poll_interval is 300 s).
 LIVENESS_STALL_S = 120.0

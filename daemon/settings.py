@@ -31,8 +31,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from daemon.core.tags import TagBudgets
-from schemas.messages import DEFAULT_MAX_PROMPT_BYTES
+from clearbudget.daemon.core.tags import TagBudgets
+from clearbudget.schemas.messages import DEFAULT_MAX_PROMPT_BYTES
 
 ENV_PREFIX = "CLEAR_"
 # The default backlog floor in probes per query (benchmarks/RESULTS.md, "Trust").

@@ -1,10 +1,10 @@
 """Versioned message contracts (pydantic v2) exchanged over Kafka.
 
-Regenerate the checked-in JSON Schema files with `python -m schemas.export`.
+Regenerate the checked-in JSON Schema files with `python -m clearbudget.schemas.export`.
 """
 
-from schemas.feedback import Feedback
-from schemas.messages import (
+from clearbudget.schemas.feedback import Feedback
+from clearbudget.schemas.messages import (
     DEFAULT_MAX_PROMPT_BYTES,
     MAX_PROMPT_BYTES_CONTEXT_KEY,
     REASON_STATUS,
@@ -17,7 +17,7 @@ from schemas.messages import (
     StatusCounts,
     WindowReport,
 )
-from schemas.types import ID_PATTERN, RESULT_SCHEMA_VERSION, SCHEMA_VERSION
+from clearbudget.schemas.types import ID_PATTERN, RESULT_SCHEMA_VERSION, SCHEMA_VERSION
 
 __all__ = [
     "DEFAULT_MAX_PROMPT_BYTES",

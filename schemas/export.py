@@ -3,7 +3,7 @@
 The files are the published contract for producers and consumers in other languages; a test
 fails when they drift from the models. Regenerate with:
 
-    python -m schemas.export
+    python -m clearbudget.schemas.export
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.feedback import Feedback
-from schemas.messages import DeadLetter, QueryRequest, QueryResult, WindowReport
+from clearbudget.schemas.feedback import Feedback
+from clearbudget.schemas.messages import DeadLetter, QueryRequest, QueryResult, WindowReport
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_SUFFIX = ".schema.json"
-REGENERATE_COMMAND = "python -m schemas.export"
+REGENERATE_COMMAND = "python -m clearbudget.schemas.export"
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "query_request": QueryRequest,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.messages import _Message
-from schemas.types import SCHEMA_VERSION, Id, SchemaVersion
+from clearbudget.schemas.messages import _Message
+from clearbudget.schemas.types import SCHEMA_VERSION, Id, SchemaVersion
 
 
 class Feedback(_Message):

@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from schemas.types import (
+from clearbudget.schemas.types import (
     RESULT_SCHEMA_VERSION,
     SCHEMA_VERSION,
     Id,

@@ -13,24 +13,30 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from solver.allocate import solve_window
-    from solver.cvx import CvxpyAllocator, SolverFailure
-    from solver.problem import AllocationResult, ProblemError, WindowProblem
-    from solver.utility import envelope, envelope_value, marginal_value, tangent_point, value
+    from clearbudget.solver.allocate import solve_window
+    from clearbudget.solver.cvx import CvxpyAllocator, SolverFailure
+    from clearbudget.solver.problem import AllocationResult, ProblemError, WindowProblem
+    from clearbudget.solver.utility import (
+        envelope,
+        envelope_value,
+        marginal_value,
+        tangent_point,
+        value,
+    )
 
 # Exported name → the submodule defining it.
 _EXPORTS = {
-    "AllocationResult": "solver.problem",
-    "CvxpyAllocator": "solver.cvx",
-    "ProblemError": "solver.problem",
-    "SolverFailure": "solver.cvx",
-    "WindowProblem": "solver.problem",
-    "envelope": "solver.utility",
-    "envelope_value": "solver.utility",
-    "marginal_value": "solver.utility",
-    "solve_window": "solver.allocate",
-    "tangent_point": "solver.utility",
-    "value": "solver.utility",
+    "AllocationResult": "clearbudget.solver.problem",
+    "CvxpyAllocator": "clearbudget.solver.cvx",
+    "ProblemError": "clearbudget.solver.problem",
+    "SolverFailure": "clearbudget.solver.cvx",
+    "WindowProblem": "clearbudget.solver.problem",
+    "envelope": "clearbudget.solver.utility",
+    "envelope_value": "clearbudget.solver.utility",
+    "marginal_value": "clearbudget.solver.utility",
+    "solve_window": "clearbudget.solver.allocate",
+    "tangent_point": "clearbudget.solver.utility",
+    "value": "clearbudget.solver.utility",
 }
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 
-from solver.closed_form import closed_form_prices
-from solver.curves import (
+from clearbudget.solver.closed_form import closed_form_prices
+from clearbudget.solver.curves import (
     Curves,
     allocation_at,
     build_curves,
@@ -18,9 +18,9 @@ from solver.curves import (
     relaxed_value,
     weighted_value,
 )
-from solver.cvx import CvxpyAllocator, Relaxation, SolverFailure
-from solver.problem import AllocationResult, FloatArray, WindowProblem
-from solver.rounding import fill_chords, round_chords
+from clearbudget.solver.cvx import CvxpyAllocator, Relaxation, SolverFailure
+from clearbudget.solver.problem import AllocationResult, FloatArray, WindowProblem
+from clearbudget.solver.rounding import fill_chords, round_chords
 
 Method = Literal["auto", "closed_form", "cvxpy"]
 Rounding = Literal["chord", "swap"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.curves import Curves, allocation_at
-from solver.problem import NO_TAG, FloatArray
+from clearbudget.solver.curves import Curves, allocation_at
+from clearbudget.solver.problem import NO_TAG, FloatArray
 
 _REL_TOL = 1e-12
 _MAX_HALVINGS = 80

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from solver.problem import ProblemError, WindowProblem
+from clearbudget.solver.problem import ProblemError, WindowProblem
 
 _REQUIRED = ("A", "tau", "beta")
 _OPTIONAL = ("weight", "cap")

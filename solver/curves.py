@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.problem import NO_TAG, FloatArray, WindowProblem
-from solver.utility import envelope, value
+from clearbudget.solver.problem import NO_TAG, FloatArray, WindowProblem
+from clearbudget.solver.utility import envelope, value
 
 TAIL_HORIZON = 40.0
 _NEGLIGIBLE_RATE = 1e-200

@@ -19,9 +19,9 @@ from typing import Literal
 import cvxpy as cp
 import numpy as np
 
-from solver.curves import TAIL_HORIZON, Curves
-from solver.problem import FloatArray
-from solver.rounding import KNEE_RTOL, Relaxed, fill_chords
+from clearbudget.solver.curves import TAIL_HORIZON, Curves
+from clearbudget.solver.problem import FloatArray
+from clearbudget.solver.rounding import KNEE_RTOL, Relaxed, fill_chords
 
 Formulation = Literal["exp", "tangent"]
 _OK = {cp.OPTIMAL}

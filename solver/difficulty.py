@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.answers import normalize_answer
-from solver.hazards import DEFAULT_LEVELS, HazardBook
-from solver.memory import (
+from clearbudget.solver.answers import normalize_answer
+from clearbudget.solver.hazards import DEFAULT_LEVELS, HazardBook
+from clearbudget.solver.memory import (
     ANSWER,
     ANSWERED,
     CURVE,
@@ -54,7 +54,7 @@ from solver.memory import (
     prompt_key,
     tag_signature,
 )
-from solver.mixture import (
+from clearbudget.solver.mixture import (
     BUDGET_GRID,
     Chains,
     Kernels,
@@ -63,7 +63,7 @@ from solver.mixture import (
     inverse_hazard,
     mixture,
 )
-from solver.stages import StageCurve, exposure
+from clearbudget.solver.stages import StageCurve, exposure
 
 __all__ = [
     "BUDGET_GRID",

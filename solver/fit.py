@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.allocate import solve_window
-from solver.answers import consensus
-from solver.priors import PriorBook
-from solver.problem import WindowProblem
+from clearbudget.solver.allocate import solve_window
+from clearbudget.solver.answers import consensus
+from clearbudget.solver.priors import PriorBook
+from clearbudget.solver.problem import WindowProblem
 
 __all__ = [
     "CurveEstimate",

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from solver.stages import STAGES, StageCounts, StageCurve
+from clearbudget.solver.stages import STAGES, StageCounts, StageCurve
 
 __all__ = ["DEFAULT_LEVELS", "HazardBook", "default_curve"]
 

@@ -20,8 +20,17 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import expit
 
-from solver.memory import ANSWER, ANSWERED, CURVE, FINISHED, NO_ANSWER, RECORD, TOKENS, PromptMemory
-from solver.stages import EDGES, WIDTHS, StageCurve, exposure, stage_of
+from clearbudget.solver.memory import (
+    ANSWER,
+    ANSWERED,
+    CURVE,
+    FINISHED,
+    NO_ANSWER,
+    RECORD,
+    TOKENS,
+    PromptMemory,
+)
+from clearbudget.solver.stages import EDGES, WIDTHS, StageCurve, exposure, stage_of
 
 __all__ = [
     "BUDGET_GRID",

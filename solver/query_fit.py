@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.allocate import Method, solve_window
-from solver.cvx import CvxpyAllocator
-from solver.difficulty import DifficultyModel, OwnChain, QueryInfo
-from solver.fit import (
+from clearbudget.solver.allocate import Method, solve_window
+from clearbudget.solver.cvx import CvxpyAllocator
+from clearbudget.solver.difficulty import DifficultyModel, OwnChain, QueryInfo
+from clearbudget.solver.fit import (
     FitSettings,
     ProbeOutcome,
     ProbePlan,
@@ -33,8 +33,8 @@ from solver.fit import (
     outcome_matrix,
     probe_answers,
 )
-from solver.problem import AllocationResult, WindowProblem, tag_rows
-from solver.surge_fit import curve_price, fit_at_price, fit_surge
+from clearbudget.solver.problem import AllocationResult, WindowProblem, tag_rows
+from clearbudget.solver.surge_fit import curve_price, fit_at_price, fit_surge
 
 __all__ = ["CurveWindow", "allocate_curves", "curve_problem", "fit_queries", "select_queries"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from solver.curves import Curves, group_sums
-from solver.problem import NO_TAG, FloatArray
+from clearbudget.solver.curves import Curves, group_sums
+from clearbudget.solver.problem import NO_TAG, FloatArray
 
 KNEE_RTOL = 1e-6  # relative slack when deciding that an allocation reached its knee
 

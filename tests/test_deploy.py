@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from daemon.settings import (
+from clearbudget.daemon.settings import (
     FILE_FIELDS,
     SECRET_FIELDS,
     Settings,

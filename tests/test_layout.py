@@ -9,7 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Room → module prefixes it must never import.
+PACKAGE = "clearbudget"
+OUR_ROOMS = ("daemon", "solver", "schemas")
+
+# Room → module prefixes it must never import (our own rooms by their name under `clearbudget.`).
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "solver": (
         "asyncio", "aiokafka", "aiohttp", "httpx", "socket", "typer", "rich", "structlog",
@@ -39,6 +42,8 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def _violates(module: str, prefix: str) -> bool:
+    if prefix.split(".")[0] in OUR_ROOMS:
+        prefix = f"{PACKAGE}.{prefix}"
     return module == prefix or module.startswith(prefix + ".")
 
 
@@ -51,6 +56,22 @@ def test_room_imports_only_what_it_may(room: str) -> None:
         for path in files
         for module in sorted(imported_modules(path))
         if any(_violates(module, prefix) for prefix in FORBIDDEN[room])
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("room", OUR_ROOMS)
+def test_our_modules_import_each_other_by_the_installed_name(room: str) -> None:
+    """The rooms install as `clearbudget.daemon` etc.: a bare `import daemon` would pick up
+    another distribution's module (python-daemon installs `daemon`)."""
+    files = [*ROOT.glob("daemon/**/*.py"), *ROOT.glob("solver/**/*.py"),
+             *ROOT.glob("schemas/**/*.py"), *ROOT.glob("tests/**/*.py"),
+             *ROOT.glob("benchmarks/**/*.py")]  # fmt: skip
+    bad = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in files
+        for module in sorted(imported_modules(path))
+        if module == room or module.startswith(room + ".")
     ]
     assert not bad, "\n".join(bad)
 
@@ -72,7 +93,9 @@ def test_every_daemon_package_says_its_role_and_imports(package: Path) -> None:
 
 def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
-    sample.write_text("import aiokafka.admin\nfrom daemon.kafka.service import Daemon\n")
+    sample.write_text(
+        "import aiokafka.admin\nfrom clearbudget.daemon.kafka.service import Daemon\n"
+    )
     found = imported_modules(sample)
     assert any(_violates(m, "aiokafka") for m in found)
     assert any(_violates(m, "daemon.kafka") for m in found)

@@ -29,9 +29,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from daemon.app import build_backend
-from daemon.core.metrics import PipelineMetrics
-from daemon.settings import ENV_PREFIX, Settings, env_var, env_var_names, load_settings
+from clearbudget.daemon.app import build_backend
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.settings import ENV_PREFIX, Settings, env_var, env_var_names, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy" / "monitoring"

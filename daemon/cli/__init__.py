@@ -1,7 +1,8 @@
 """`clearbudget` command line: one typer app, one module per sub-command.
 
 Commands fail through `daemon.cli.errors.fail` (`error: ...` on stderr, exit 2); shared replay
-options and helpers live in `daemon.cli.inputs`. `python -m daemon.cli` runs the same app.
+options and helpers live in `daemon.cli.inputs`. `python -m clearbudget.daemon.cli` runs the same
+app.
 
 The top room: may import everything (`daemon.*`, `solver`, `schemas`, typer, rich); nothing
 below it imports it.
@@ -17,17 +18,17 @@ import typer
 # rest (pydantic, numpy, cvxpy, aiokafka, aiohttp, matplotlib, the daemon) into the command, so
 # `clearbudget --help` and each command's `--help` start in a fraction of a second
 # (benchmarks/help_bench.py; tests/cli/test_startup.py keeps it so).
-from daemon.cli.config import config_command
-from daemon.cli.demo import demo_command
-from daemon.cli.replay import replay_command
-from daemon.cli.results import results_command
-from daemon.cli.run import run
-from daemon.cli.schema import schema
-from daemon.cli.simulate import simulate_backend
-from daemon.cli.solve import solve
-from daemon.cli.submit import submit_command
-from daemon.cli.sweep import sweep_command
-from daemon.cli.version import print_version
+from clearbudget.daemon.cli.config import config_command
+from clearbudget.daemon.cli.demo import demo_command
+from clearbudget.daemon.cli.replay import replay_command
+from clearbudget.daemon.cli.results import results_command
+from clearbudget.daemon.cli.run import run
+from clearbudget.daemon.cli.schema import schema
+from clearbudget.daemon.cli.simulate import simulate_backend
+from clearbudget.daemon.cli.solve import solve
+from clearbudget.daemon.cli.submit import submit_command
+from clearbudget.daemon.cli.sweep import sweep_command
+from clearbudget.daemon.cli.version import print_version
 
 app = typer.Typer(
     name="clearbudget",

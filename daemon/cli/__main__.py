@@ -1,5 +1,6 @@
-"""`python -m daemon.cli`: the `clearbudget` command (the integration tests start it this way)."""
+"""`python -m clearbudget.daemon.cli`: the `clearbudget` command (the integration tests start it
+this way)."""
 
-from daemon.cli import app
+from clearbudget.daemon.cli import app
 
 app(prog_name="clearbudget")

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 if TYPE_CHECKING:
-    from daemon.settings import Settings
+    from clearbudget.daemon.settings import Settings
 
 MASK = "***"
 
@@ -28,7 +28,7 @@ def config_command(
     Secrets (CLEAR_KAFKA_SASL_PASSWORD, CLEAR_VLLM_API_KEY) print as *** and credentials inside
     URLs as ***@. Invalid settings exit with status 2 and name the variable, as `run` does.
     """
-    from daemon.settings import SettingsError, load_settings  # deferred: pydantic
+    from clearbudget.daemon.settings import SettingsError, load_settings  # deferred: pydantic
 
     try:
         settings = load_settings()
@@ -43,7 +43,7 @@ def config_command(
 
 def effective_settings(settings: Settings) -> dict[str, Any]:
     """`{CLEAR_* variable: JSON value}` for every setting, secrets and URL credentials masked."""
-    from daemon.settings import SECRET_FIELDS, _redact, env_var
+    from clearbudget.daemon.settings import SECRET_FIELDS, _redact, env_var
 
     values: dict[str, Any] = {}
     for name, value in settings.model_dump(mode="json").items():
@@ -59,7 +59,7 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
 
 def _sources(settings: Settings) -> dict[str, str]:
     """Where each value came from: the environment, the .env file, or the default."""
-    from daemon.settings import env_var
+    from clearbudget.daemon.settings import env_var
 
     environment = {name.upper() for name in os.environ}
     sources = {}

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli.errors import fail
-from daemon.cli.inputs import (
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
     RolloutsOpt,
@@ -36,9 +36,9 @@ def demo_command(
     the vLLM pod; a slice of the recorded Azure trace goes through the real daemon path (Kafka →
     windows → probe → fit → solve → HTTP dispatch → results topic) for uniform and clear."""
     # Deferred (as in every command): `clearbudget --help` must not load the daemon.
-    from daemon.replay.demo import run_demo
-    from daemon.replay.embedded import BrokerStartError
-    from daemon.settings import SettingsError
+    from clearbudget.daemon.replay.demo import run_demo
+    from clearbudget.daemon.replay.embedded import BrokerStartError
+    from clearbudget.daemon.settings import SettingsError
 
     check_speedup(speedup)
     pool, queries = load_inputs(trace, rollouts, limit, seed)

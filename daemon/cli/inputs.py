@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 # Only what the option types need is imported here: `clearbudget --help` imports this module,
 # so the replay rig, structlog and rich's widgets load inside the helpers that use them.
 if TYPE_CHECKING:
-    from daemon.replay.config import ReplayConfig, ReplayQuery
-    from daemon.replay.report import ReplayReport
-    from daemon.replay.rollouts import RolloutPool
+    from clearbudget.daemon.replay.config import ReplayConfig, ReplayQuery
+    from clearbudget.daemon.replay.report import ReplayReport
+    from clearbudget.daemon.replay.rollouts import RolloutPool
 
 
 def _data_dir() -> Path:
@@ -77,10 +77,10 @@ def load_inputs(
 ) -> tuple[RolloutPool, list[ReplayQuery]]:
     """The pool and one query per arrival of the trace's first `limit` arrivals (prompts carry
     the records' problem texts; `hint_field`, if given, becomes their difficulty_hint)."""
-    from daemon.replay.config import draw_queries, one_lap_error, read_extras
-    from daemon.replay.files import InputFileError
-    from daemon.replay.rollouts import load_rollouts
-    from daemon.replay.traces import read_trace
+    from clearbudget.daemon.replay.config import draw_queries, one_lap_error, read_extras
+    from clearbudget.daemon.replay.files import InputFileError
+    from clearbudget.daemon.replay.rollouts import load_rollouts
+    from clearbudget.daemon.replay.traces import read_trace
 
     if limit is not None and limit < 1:
         fail(f"--limit must be >= 1, got {limit}")
@@ -104,8 +104,8 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
                 probe_tokens: int, hint_field: str | None = None, feedback: bool = False,
                 feedback_delay: float = 0.0) -> ReplayConfig:  # fmt: skip
     """The replay config; a bad value fails naming the command-line option."""
-    from daemon.replay.config import ReplayConfig
-    from solver.fit import ProbePlan
+    from clearbudget.daemon.replay.config import ReplayConfig
+    from clearbudget.solver.fit import ProbePlan
 
     try:
         return ReplayConfig(
@@ -151,7 +151,7 @@ def run_replay(
     """In-process replay with a progress bar."""
     import asyncio
 
-    from daemon.replay.inprocess import replay
+    from clearbudget.daemon.replay.inprocess import replay
 
     with progress_bar(f"replay {config.policy}", len(queries)) as advance:
         return asyncio.run(replay(queries, pool, config, on_window=advance))

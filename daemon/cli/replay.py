@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from daemon.cli.errors import fail
-from daemon.cli.inputs import (
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
     FeedbackDelayOpt,
@@ -33,9 +33,9 @@ from daemon.cli.inputs import (
 )
 
 if TYPE_CHECKING:
-    from daemon.replay.config import ReplayConfig, ReplayQuery
-    from daemon.replay.report import ReplayReport
-    from daemon.replay.rollouts import RolloutPool
+    from clearbudget.daemon.replay.config import ReplayConfig, ReplayQuery
+    from clearbudget.daemon.replay.report import ReplayReport
+    from clearbudget.daemon.replay.rollouts import RolloutPool
 
 
 def replay_command(
@@ -99,8 +99,8 @@ def replay_on_kafka_from_env(
     """`replay --kafka`: the broker and topics come from CLEAR_* settings."""
     import asyncio
 
-    from daemon.replay.demo import replay_with_simulator  # deferred: pulls in aiokafka
-    from daemon.settings import SettingsError, load_settings
+    from clearbudget.daemon.replay.demo import replay_with_simulator  # deferred: pulls in aiokafka
+    from clearbudget.daemon.settings import SettingsError, load_settings
 
     try:
         base = load_settings()

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from rich.console import Console
     from rich.table import Table
 
-    from daemon.settings import Settings
-    from schemas.messages import QueryResult
+    from clearbudget.daemon.settings import Settings
+    from clearbudget.schemas.messages import QueryResult
 
 # schemas.messages.Status, spelt out so that --help imports no pydantic model (a test keeps the
 # two equal).
@@ -165,7 +165,7 @@ def some_ids(ids: Iterable[str], total: int, shown: int = 5) -> str:
 
 def load_command_settings() -> Settings:
     """The daemon's settings (environment, .env, defaults); invalid ones fail as `run` does."""
-    from daemon.settings import SettingsError, load_settings
+    from clearbudget.daemon.settings import SettingsError, load_settings
 
     try:
         return load_settings()
@@ -191,7 +191,7 @@ async def open_results(
     ListOffsets counts batches), so "from the end" may re-read a few older results there."""
     from aiokafka import TopicPartition
 
-    from daemon.kafka.clients import start_reader
+    from clearbudget.daemon.kafka.clients import start_reader
 
     consumer = await start_reader(settings, ["result_topic"])
     partitions = consumer.partitions_for_topic(settings.result_topic) or set()
@@ -218,8 +218,8 @@ async def stream_results(
     saw it; a read that makes no progress for STALL_S raises `TimeoutError`."""
     from pydantic import ValidationError
 
-    from daemon.kafka.intake import describe_validation_error
-    from schemas.messages import QueryResult
+    from clearbudget.daemon.kafka.intake import describe_validation_error
+    from clearbudget.schemas.messages import QueryResult
 
     targets: dict[TopicPartition, int] = {}
     progress_at = clock()
@@ -270,7 +270,7 @@ async def _read(
     limit: int | None,
 ) -> set[str]:
     """Print the matching results; the ids printed."""
-    from daemon.kafka.clients import StartupError
+    from clearbudget.daemon.kafka.clients import StartupError
 
     try:
         consumer, assigned = await open_results(

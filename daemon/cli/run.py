@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 
 def run() -> None:
@@ -14,14 +14,19 @@ def run() -> None:
     """
     import asyncio
 
-    from daemon.settings import SettingsError, load_settings
+    from clearbudget.daemon.settings import SettingsError, load_settings
 
     try:
         settings = load_settings()
     except SettingsError as exc:
         fail(str(exc))
-    from daemon.app import configure_logging, install_signal_handlers, run_daemon, tune_gc
-    from daemon.kafka.clients import StartupError
+    from clearbudget.daemon.app import (
+        configure_logging,
+        install_signal_handlers,
+        run_daemon,
+        tune_gc,
+    )
+    from clearbudget.daemon.kafka.clients import StartupError
 
     configure_logging(settings.log_level, settings.secret_values())
     tune_gc()

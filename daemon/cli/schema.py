@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 
 def _normalise(name: str) -> str:
@@ -16,7 +16,7 @@ def _normalise(name: str) -> str:
 
 def _resolve(name: str) -> str:
     """Accept `query-request`, `query_request` or `QueryRequest`."""
-    from schemas.export import SCHEMA_MODELS
+    from clearbudget.schemas.export import SCHEMA_MODELS
 
     by_key = {_normalise(key): key for key in SCHEMA_MODELS}
     try:
@@ -36,7 +36,11 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of one message type, or an object of all of them by name."""
-    from schemas.export import SCHEMA_MODELS, render, schema_document  # deferred: pydantic
+    from clearbudget.schemas.export import (  # deferred: pydantic
+        SCHEMA_MODELS,
+        render,
+        schema_document,
+    )
 
     if name is None:
         documents = {key: schema_document(key) for key in SCHEMA_MODELS}

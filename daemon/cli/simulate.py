@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from daemon.cli.errors import fail
-from daemon.cli.inputs import DEFAULT_ROLLOUTS
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.cli.inputs import DEFAULT_ROLLOUTS
 
 if TYPE_CHECKING:
-    from daemon.replay.sim_server import PodTiming
-    from daemon.replay.simulator import SimulatedBackend
+    from clearbudget.daemon.replay.sim_server import PodTiming
+    from clearbudget.daemon.replay.simulator import SimulatedBackend
 
 # daemon.replay.sim_server.DEFAULT_MODEL_NAME, spelt out so `--help` need not import aiohttp
 # (tests/cli/test_startup.py keeps the two equal).
@@ -51,10 +51,10 @@ def simulate_backend(
     """
     import asyncio
 
-    from daemon.replay.files import InputFileError
-    from daemon.replay.rollouts import load_rollouts
-    from daemon.replay.sim_server import PodTiming
-    from daemon.replay.simulator import SimulatedBackend
+    from clearbudget.daemon.replay.files import InputFileError
+    from clearbudget.daemon.replay.rollouts import load_rollouts
+    from clearbudget.daemon.replay.sim_server import PodTiming
+    from clearbudget.daemon.replay.simulator import SimulatedBackend
 
     if not 0 <= port <= 65535:
         fail(f"--port must be between 0 and 65535, got {port}")
@@ -87,7 +87,7 @@ async def _serve(
     import contextlib
     import signal
 
-    from daemon.replay.sim_server import start_simulator
+    from clearbudget.daemon.replay.sim_server import start_simulator
 
     server = await start_simulator(
         backend, host=host, port=port, model_name=model_name, timing=timing

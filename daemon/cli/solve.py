@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from daemon.cli.errors import fail
+from clearbudget.daemon.cli.errors import fail
 
 
 def solve(
@@ -24,8 +24,8 @@ def solve(
     "tag_budgets"?: {tag: B}}.
     """
     # Deferred: cvxpy takes about a second to import; `clearbudget --help` must not pay it.
-    from solver import CvxpyAllocator, ProblemError, solve_window
-    from solver.contract import problem_from_json
+    from clearbudget.solver import CvxpyAllocator, ProblemError, solve_window
+    from clearbudget.solver.contract import problem_from_json
 
     if method not in ("auto", "closed_form", "cvxpy"):
         fail(f"--method: expected auto, closed_form or cvxpy, got {method!r}")

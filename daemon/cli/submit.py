@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from daemon.cli.errors import fail
-from daemon.cli.results import (
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.cli.results import (
     ResultPrinter,
     load_command_settings,
     open_results,
@@ -28,8 +28,8 @@ from daemon.cli.results import (
 )
 
 if TYPE_CHECKING:
-    from daemon.settings import Settings
-    from schemas.messages import QueryRequest
+    from clearbudget.daemon.settings import Settings
+    from clearbudget.schemas.messages import QueryRequest
 
 DEFAULT_TIMEOUT_S = 300.0
 # Options of a single prompt, by the QueryRequest field they set (error messages name them).
@@ -172,7 +172,7 @@ def _name_options(error: str) -> str:
 
 def validate(value: bytes, max_prompt_bytes: int) -> QueryRequest:
     """The record as the daemon's edge would read it; `InvalidInput('field: problem')` if not."""
-    from daemon.kafka.intake import Intake, IntakeLimits, Rejection
+    from clearbudget.daemon.kafka.intake import Intake, IntakeLimits, Rejection
 
     admitted = Intake(IntakeLimits(max_prompt_bytes=max_prompt_bytes)).admit(
         value, topic="submit", partition=0, offset=0, seen_ids=set()
@@ -259,7 +259,7 @@ async def _submit(
     """Send; with `wait`, print results until each id has one. The ids still missing."""
     import structlog
 
-    from daemon.kafka.clients import StartupError
+    from clearbudget.daemon.kafka.clients import StartupError
 
     # The idempotent-producer fallback warns in the daemon's log; a command falls back quietly.
     log = structlog.wrap_logger(
@@ -302,7 +302,7 @@ async def _send(settings: Settings, requests: list[QueryRequest], log: Any) -> N
 
     from aiokafka.errors import KafkaError
 
-    from daemon.kafka.clients import start_command_producer
+    from clearbudget.daemon.kafka.clients import start_command_producer
 
     producer = await start_command_producer(settings, log, ["input_topic"])
     deliveries: list[asyncio.Future[Any]] = []

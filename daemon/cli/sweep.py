@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli.errors import fail
-from daemon.cli.inputs import (
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
     FeedbackDelayOpt,
@@ -56,7 +56,9 @@ def sweep_command(
     """Replay every policy over a grid of budgets; write pareto.json and a pareto.png plot of
     accuracy against tokens per query (the oracle is the ceiling). `--feedback`: graded
     feedback from the recorded grades (only clear learns from it)."""
-    from daemon.replay.pareto import plot_pareto  # deferred: matplotlib is slow to import
+    from clearbudget.daemon.replay.pareto import (
+        plot_pareto,  # deferred: matplotlib is slow to import
+    )
 
     grid = parse_grid(budgets)
     names = [p.strip() for p in policies.split(",") if p.strip()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 DISTRIBUTION = "clearbudget"
-# A source checkout run without installing (`python -m daemon.cli`) reads the version here.
+# An install that lost its package metadata reads the checkout's version here.
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 

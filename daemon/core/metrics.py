@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from daemon.core.feedback import FEEDBACK_OUTCOMES
-from schemas.messages import Status
+from clearbudget.daemon.core.feedback import FEEDBACK_OUTCOMES
+from clearbudget.schemas.messages import Status
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

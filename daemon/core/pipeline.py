@@ -14,11 +14,11 @@ from typing import Literal
 
 import structlog
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.policies import AllocationPolicy, Decision, QueryView
-from daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
-from daemon.core.windowing import Window
-from schemas.messages import (
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.policies import AllocationPolicy, Decision, QueryView
+from clearbudget.daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.schemas.messages import (
     Curve,
     QueryRequest,
     QueryResult,
@@ -27,8 +27,8 @@ from schemas.messages import (
     StatusCounts,
     WindowReport,
 )
-from solver.answers import answers_agree, extract_answer
-from solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.answers import answers_agree, extract_answer
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 
 SHUTDOWN_REASON = "daemon shut down before the query could finish"
 # The Kafka service's reason for queries cut off by a revoke (it imports this one).

@@ -15,18 +15,18 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from daemon.core.feedback import FeedbackOutcome, RecentQueries
-from daemon.core.metrics import TagMetrics
-from daemon.core.tags import TagBudgets, TagRows
-from schemas.messages import Curve, QueryRequest
-from solver.allocate import solve_window
-from solver.cvx import CvxpyAllocator
-from solver.difficulty import HINT_LEVEL, DifficultyModel, Observation, QueryInfo
-from solver.fit import ProbeOutcome, ProbePlan
-from solver.hazards import DEFAULT_LEVELS
-from solver.priors import PriorBook
-from solver.problem import AllocationResult, WindowProblem
-from solver.query_fit import CurveWindow, curve_problem, fit_queries, select_queries
+from clearbudget.daemon.core.feedback import FeedbackOutcome, RecentQueries
+from clearbudget.daemon.core.metrics import TagMetrics
+from clearbudget.daemon.core.tags import TagBudgets, TagRows
+from clearbudget.schemas.messages import Curve, QueryRequest
+from clearbudget.solver.allocate import solve_window
+from clearbudget.solver.cvx import CvxpyAllocator
+from clearbudget.solver.difficulty import HINT_LEVEL, DifficultyModel, Observation, QueryInfo
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.hazards import DEFAULT_LEVELS
+from clearbudget.solver.priors import PriorBook
+from clearbudget.solver.problem import AllocationResult, WindowProblem
+from clearbudget.solver.query_fit import CurveWindow, curve_problem, fit_queries, select_queries
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
 # The most tokens probe selection lets a query without its own max_tokens want.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from schemas.messages import DeadLetter, QueryResult, WindowReport
+from clearbudget.schemas.messages import DeadLetter, QueryResult, WindowReport
 
 FinishReason = Literal["stop", "length"]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import PendingQuery, WindowOutcome, WindowPipeline
-from daemon.core.policies import AllocationPolicy
-from daemon.core.ports import CompletionBackend
-from daemon.core.tags import OTHER, TagBudgets
-from daemon.core.windowing import Window
-from schemas.messages import QueryResult
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import PendingQuery, WindowOutcome, WindowPipeline
+from clearbudget.daemon.core.policies import AllocationPolicy
+from clearbudget.daemon.core.ports import CompletionBackend
+from clearbudget.daemon.core.tags import OTHER, TagBudgets
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.schemas.messages import QueryResult
 
 
 class TagSpendPipeline(WindowPipeline):

@@ -21,7 +21,7 @@ from aiokafka.errors import (
     UnsupportedVersionError,
 )
 
-from daemon.settings import Settings, env_var
+from clearbudget.daemon.settings import Settings, env_var
 
 # New partitions (and topics) are seen within a minute, not aiokafka's default five.
 METADATA_MAX_AGE_MS = 60_000

@@ -26,13 +26,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from daemon.core.feedback import FeedbackOutcome
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.ports import ResultSink
-from daemon.kafka.clients import METADATA_MAX_AGE_MS, StartupError, security_options
-from daemon.kafka.intake import Intake, Rejection
-from daemon.kafka.sinks import FatalPublishError
-from daemon.settings import Settings, env_var
+from clearbudget.daemon.core.feedback import FeedbackOutcome
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.ports import ResultSink
+from clearbudget.daemon.kafka.clients import METADATA_MAX_AGE_MS, StartupError, security_options
+from clearbudget.daemon.kafka.intake import Intake, Rejection
+from clearbudget.daemon.kafka.sinks import FatalPublishError
+from clearbudget.daemon.settings import Settings, env_var
 
 POLL_TIMEOUT_MS = 200
 MAX_RECORDS_PER_POLL = 2000

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from schemas import (
+from clearbudget.schemas import (
     DEFAULT_MAX_PROMPT_BYTES,
     MAX_PROMPT_BYTES_CONTEXT_KEY,
     DeadLetter,
@@ -39,8 +39,8 @@ from schemas import (
     QueryResult,
     Status,
 )
-from schemas.messages import MAX_REASON_CHARS
-from schemas.types import ID_PATTERN, ID_RULE
+from clearbudget.schemas.messages import MAX_REASON_CHARS
+from clearbudget.schemas.types import ID_PATTERN, ID_RULE
 
 # Kafka's default max.message.bytes is about 1 MiB; a bigger value cannot be a valid query.
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024

@@ -19,21 +19,21 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from daemon.core.budget import BudgetLedger
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import (
+from clearbudget.daemon.core.budget import BudgetLedger
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import (
     HANDOVER_REASON,
     SHUTDOWN_REASON,
     PendingQuery,
     WindowPipeline,
     unserved_results,
 )
-from daemon.core.ports import ResultSink
-from daemon.core.windowing import Window, WindowAssembler
-from daemon.kafka.intake import Intake, Rejection
-from daemon.kafka.offsets import OffsetTracker
-from daemon.kafka.sinks import BrokerHealth, FatalPublishError
-from schemas.messages import Status
+from clearbudget.daemon.core.ports import ResultSink
+from clearbudget.daemon.core.windowing import Window, WindowAssembler
+from clearbudget.daemon.kafka.intake import Intake, Rejection
+from clearbudget.daemon.kafka.offsets import OffsetTracker
+from clearbudget.daemon.kafka.sinks import BrokerHealth, FatalPublishError
+from clearbudget.schemas.messages import Status
 
 POLL_TIMEOUT_MS = 100
 BROKER_CHECK_INTERVAL_S = 5.0

@@ -30,9 +30,9 @@ from aiokafka.errors import (
 )
 from pydantic import BaseModel
 
-from daemon.core.ports import ResultSink
-from daemon.settings import Scrubber, Settings
-from schemas.messages import MAX_REASON_CHARS, DeadLetter, QueryResult, WindowReport
+from clearbudget.daemon.core.ports import ResultSink
+from clearbudget.daemon.settings import Scrubber, Settings
+from clearbudget.schemas.messages import MAX_REASON_CHARS, DeadLetter, QueryResult, WindowReport
 
 # Errors no retry can cure: the topic refuses these records whatever the daemon does.
 FATAL_ERRORS: tuple[type[KafkaError], ...] = (

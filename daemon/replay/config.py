@@ -17,20 +17,25 @@ from typing import Any, Literal
 
 import numpy as np
 
-from daemon.core.budget import BudgetLedger
-from daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
-from daemon.core.policies import AllocationPolicy, ClearPolicy, OraclePolicy, UniformPolicy
-from daemon.replay.files import InputFileError, json_lines
-from daemon.replay.rollouts import (
+from clearbudget.daemon.core.budget import BudgetLedger
+from clearbudget.daemon.core.feedback import DEFAULT_REMEMBERED_QUERIES
+from clearbudget.daemon.core.policies import (
+    AllocationPolicy,
+    ClearPolicy,
+    OraclePolicy,
+    UniformPolicy,
+)
+from clearbudget.daemon.replay.files import InputFileError, json_lines
+from clearbudget.daemon.replay.rollouts import (
     RolloutPool,
     draw_counts,
     oracle_allocation,
     uniform_cap_for_cost,
 )
-from daemon.replay.simulator import prompt_for
-from daemon.replay.traces import Arrival
-from schemas.messages import QueryRequest
-from solver.fit import ProbePlan
+from clearbudget.daemon.replay.simulator import prompt_for
+from clearbudget.daemon.replay.traces import Arrival
+from clearbudget.schemas.messages import QueryRequest
+from clearbudget.solver.fit import ProbePlan
 
 PolicyName = Literal["clear", "uniform", "oracle"]
 POLICIES: tuple[PolicyName, ...] = ("clear", "uniform", "oracle")

@@ -14,14 +14,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from daemon.replay.config import ReplayConfig, ReplayQuery, token_rate
-from daemon.replay.embedded import free_loopback_port, start_embedded_broker
-from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import RolloutPool
-from daemon.replay.sim_server import start_simulator
-from daemon.replay.simulator import SimulatedBackend
-from daemon.replay.via_kafka import replay_via_kafka
-from daemon.settings import Settings, load_settings
+from clearbudget.daemon.replay.config import ReplayConfig, ReplayQuery, token_rate
+from clearbudget.daemon.replay.embedded import free_loopback_port, start_embedded_broker
+from clearbudget.daemon.replay.report import ReplayReport
+from clearbudget.daemon.replay.rollouts import RolloutPool
+from clearbudget.daemon.replay.sim_server import start_simulator
+from clearbudget.daemon.replay.simulator import SimulatedBackend
+from clearbudget.daemon.replay.via_kafka import replay_via_kafka
+from clearbudget.daemon.settings import Settings, load_settings
 
 __all__ = ["daemon_settings", "demo_settings", "replay_with_simulator", "run_demo"]
 

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 import structlog
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import PendingQuery, WindowPipeline
-from daemon.core.policies import AllocationPolicy
-from daemon.core.windowing import Window, WindowAssembler
-from daemon.replay.config import (
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import PendingQuery, WindowPipeline
+from clearbudget.daemon.core.policies import AllocationPolicy
+from clearbudget.daemon.core.windowing import Window, WindowAssembler
+from clearbudget.daemon.replay.config import (
     REPLAY_MAX_TOKENS,
     ReplayConfig,
     ReplayQuery,
@@ -33,10 +33,10 @@ from daemon.replay.config import (
     ledger_span,
     make_policy,
 )
-from daemon.replay.report import ReplayReport, score
-from daemon.replay.rollouts import RolloutPool
-from daemon.replay.simulator import SimulatedBackend, grade
-from schemas.messages import QueryResult, Status
+from clearbudget.daemon.replay.report import ReplayReport, score
+from clearbudget.daemon.replay.rollouts import RolloutPool
+from clearbudget.daemon.replay.simulator import SimulatedBackend, grade
+from clearbudget.schemas.messages import QueryResult, Status
 
 
 async def replay(

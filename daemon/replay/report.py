@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from daemon.replay.config import ReplayQuery
-from daemon.replay.rollouts import RolloutPool
-from daemon.replay.simulator import grade
-from schemas.messages import QueryResult, Status
+from clearbudget.daemon.replay.config import ReplayQuery
+from clearbudget.daemon.replay.rollouts import RolloutPool
+from clearbudget.daemon.replay.simulator import grade
+from clearbudget.schemas.messages import QueryResult, Status
 
 
 @dataclass(frozen=True, slots=True)

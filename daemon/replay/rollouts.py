@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from daemon.replay.files import InputFileError, json_lines, json_object, non_negative_int
+from clearbudget.daemon.replay.files import (
+    InputFileError,
+    json_lines,
+    json_object,
+    non_negative_int,
+)
 
 __all__ = [
     "OracleAllocation",

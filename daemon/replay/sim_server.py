@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from daemon.core.ports import Completion
-from daemon.replay.simulator import SimulatedBackend, SimulationRequestError
-from daemon.vllm.protocol import (
+from clearbudget.daemon.core.ports import Completion
+from clearbudget.daemon.replay.simulator import SimulatedBackend, SimulationRequestError
+from clearbudget.daemon.vllm.protocol import (
     ApiError,
     CompletionRequest,
     WireFormatError,

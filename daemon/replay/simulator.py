@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.core.ports import Completion, FinishReason, Sample
-from daemon.replay.rollouts import RolloutPool, RolloutRecord
+from clearbudget.daemon.core.ports import Completion, FinishReason, Sample
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord
 
 __all__ = [
     "MAX_N",

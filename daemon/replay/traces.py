@@ -26,14 +26,14 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from daemon.replay.files import (
+from clearbudget.daemon.replay.files import (
     InputFileError,
     json_lines,
     json_object,
     non_negative_int,
     require_file,
 )
-from schemas import QueryRequest
+from clearbudget.schemas import QueryRequest
 
 __all__ = [
     "AZURE_COLUMNS",

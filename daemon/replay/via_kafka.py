@@ -15,14 +15,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from daemon.app import run_daemon
-from daemon.kafka.clients import ensure_topics, make_producer, make_reader
-from daemon.kafka.service import Daemon
-from daemon.replay.config import ReplayConfig, ReplayQuery, make_policy, trace_span
-from daemon.replay.report import ReplayReport, score
-from daemon.replay.rollouts import RolloutPool
-from daemon.settings import Settings
-from schemas.messages import QueryResult
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.kafka.clients import ensure_topics, make_producer, make_reader
+from clearbudget.daemon.kafka.service import Daemon
+from clearbudget.daemon.replay.config import ReplayConfig, ReplayQuery, make_policy, trace_span
+from clearbudget.daemon.replay.report import ReplayReport, score
+from clearbudget.daemon.replay.rollouts import RolloutPool
+from clearbudget.daemon.settings import Settings
+from clearbudget.schemas.messages import QueryResult
 
 RESULT_WAIT_S = 120.0
 

@@ -63,15 +63,15 @@ import structlog
 import yarl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from daemon.core.ports import BackendError, Completion
-from daemon.vllm.breaker import (
+from clearbudget.daemon.core.ports import BackendError, Completion
+from clearbudget.daemon.vllm.breaker import (
     BreakerListener,
     BreakerSettings,
     BreakerState,
     CircuitBreaker,
     Verdict,
 )
-from daemon.vllm.protocol import (
+from clearbudget.daemon.vllm.protocol import (
     CompletionRequest,
     WireFormatError,
     decode_completion,

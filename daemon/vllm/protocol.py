@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from daemon.core.ports import Completion, FinishReason, Sample
+from clearbudget.daemon.core.ports import Completion, FinishReason, Sample
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

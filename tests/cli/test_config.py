@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import daemon.cli.version
-from daemon.cli import app
-from daemon.settings import env_var_names
+import clearbudget.daemon.cli.version
+from clearbudget.daemon.cli import app
+from clearbudget.daemon.settings import env_var_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ("s3cret-sasl", "sk-api-key", "hunter2")
@@ -57,7 +57,7 @@ def test_version_without_package_metadata_reads_the_checkout(
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     checkout = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert invoke("--version")[:2] == (0, f"clearbudget {checkout}\n")
-    monkeypatch.setattr(daemon.cli.version, "PYPROJECT", tmp_path / "missing.toml")
+    monkeypatch.setattr(clearbudget.daemon.cli.version, "PYPROJECT", tmp_path / "missing.toml")
     assert invoke("--version")[:2] == (0, "clearbudget unknown\n")
 
 

@@ -11,10 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import daemon.replay.demo
-from daemon.cli import app
-from daemon.cli.errors import fail
-from daemon.replay.embedded import BrokerStartError
+import clearbudget.daemon.replay.demo
+from clearbudget.daemon.cli import app
+from clearbudget.daemon.cli.errors import fail
+from clearbudget.daemon.replay.embedded import BrokerStartError
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -89,7 +89,7 @@ def test_demo_without_a_broker_fails_with_code_1(
     def no_broker() -> None:
         raise BrokerStartError("no tansu here")
 
-    monkeypatch.setattr(daemon.replay.demo, "start_embedded_broker", no_broker)
+    monkeypatch.setattr(clearbudget.daemon.replay.demo, "start_embedded_broker", no_broker)
     code, stdout, stderr = invoke(
         "demo", "--limit", "5", "--trace", str(shared_data / "azure_llm_conv_2023.csv"),
         "--rollouts", str(shared_data / "rollouts.jsonl"),

@@ -7,25 +7,26 @@ import json
 import subprocess
 import sys
 
-import daemon.cli.simulate
-import daemon.cli.sweep
-import daemon.replay.config
-import daemon.replay.sim_server
+import clearbudget.daemon.cli.simulate
+import clearbudget.daemon.cli.sweep
+import clearbudget.daemon.replay.config
+import clearbudget.daemon.replay.sim_server
 
 # Each costs from tens of milliseconds (structlog) to about a second (cvxpy). Not pydantic
 # itself: typer (0.29) builds its option parsers with it, so every command's --help loads it.
 HEAVY = (
     "cvxpy", "numpy", "scipy", "aiokafka", "aiohttp", "matplotlib", "sklearn",
-    "pydantic_settings", "structlog", "prometheus_client", "orjson", "solver", "schemas",
-    "daemon.core", "daemon.kafka", "daemon.vllm", "daemon.replay", "daemon.app",
-    "daemon.settings",
+    "pydantic_settings", "structlog", "prometheus_client", "orjson", "clearbudget.solver",
+    "clearbudget.schemas",
+    "clearbudget.daemon.core", "clearbudget.daemon.kafka", "clearbudget.daemon.vllm",
+    "clearbudget.daemon.replay", "clearbudget.daemon.app", "clearbudget.daemon.settings",
 )  # fmt: skip
 
 PROBE = """
 import json, sys
 from typer.main import get_command
 from typer.testing import CliRunner
-from daemon.cli import app
+from clearbudget.daemon.cli import app
 names = sorted(get_command(app).commands)
 runs = [[], *([name] for name in names)]
 codes = [CliRunner().invoke(app, [*args, "--help"]).exit_code for args in runs]
@@ -46,5 +47,11 @@ def test_help_of_every_command_imports_no_heavy_module() -> None:
 
 
 def test_help_defaults_spelt_out_in_the_cli_match_their_sources() -> None:
-    assert ",".join(daemon.replay.config.POLICIES) == daemon.cli.sweep.DEFAULT_POLICIES
-    assert daemon.cli.simulate.DEFAULT_MODEL_NAME == daemon.replay.sim_server.DEFAULT_MODEL_NAME
+    assert (
+        ",".join(clearbudget.daemon.replay.config.POLICIES)
+        == clearbudget.daemon.cli.sweep.DEFAULT_POLICIES
+    )
+    assert (
+        clearbudget.daemon.cli.simulate.DEFAULT_MODEL_NAME
+        == clearbudget.daemon.replay.sim_server.DEFAULT_MODEL_NAME
+    )

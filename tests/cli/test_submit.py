@@ -17,11 +17,11 @@ import pytest
 from aiokafka import TopicPartition
 from typer.testing import CliRunner
 
-from daemon.cli import app
-from daemon.cli.results import STATUSES, ResultFilter, ResultPrinter, stream_results
-from daemon.cli.submit import InvalidInput, parse_lines, prompt_request
-from daemon.replay.embedded import free_loopback_port
-from schemas.messages import QueryResult, ReasonCode, Status
+from clearbudget.daemon.cli import app
+from clearbudget.daemon.cli.results import STATUSES, ResultFilter, ResultPrinter, stream_results
+from clearbudget.daemon.cli.submit import InvalidInput, parse_lines, prompt_request
+from clearbudget.daemon.replay.embedded import free_loopback_port
+from clearbudget.schemas.messages import QueryResult, ReasonCode, Status
 
 LIMIT = 256 * 1024
 

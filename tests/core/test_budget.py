@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.core.budget import BudgetLedger
+from clearbudget.daemon.core.budget import BudgetLedger
 
 
 def test_budget_earns_at_share_of_rate_and_caps_carry_over() -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.core.feedback import RecentQueries
-from daemon.core.policies import ClearPolicy, OraclePolicy, UniformPolicy, query_info
-from schemas.messages import QueryRequest
-from solver.fit import ProbePlan
-from solver.memory import ANSWERED
+from clearbudget.daemon.core.feedback import RecentQueries
+from clearbudget.daemon.core.policies import ClearPolicy, OraclePolicy, UniformPolicy, query_info
+from clearbudget.schemas.messages import QueryRequest
+from clearbudget.solver.fit import ProbePlan
+from clearbudget.solver.memory import ANSWERED
 
 PLAN = ProbePlan(samples=1, tokens=256)
 

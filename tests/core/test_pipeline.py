@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import PendingQuery, WindowPipeline
-from daemon.core.policies import (
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import PendingQuery, WindowPipeline
+from clearbudget.daemon.core.policies import (
     AllocationPolicy,
     ClearPolicy,
     Decision,
@@ -21,13 +21,13 @@ from daemon.core.policies import (
     QueryView,
     UniformPolicy,
 )
-from daemon.core.ports import BackendError, Completion, CompletionBackend
-from daemon.core.windowing import Window
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, grade, prompt_for
-from schemas.messages import QueryRequest, Status
-from solver.fit import ProbePlan
-from solver.priors import PriorBook
+from clearbudget.daemon.core.ports import BackendError, Completion, CompletionBackend
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, grade, prompt_for
+from clearbudget.schemas.messages import QueryRequest, Status
+from clearbudget.solver.fit import ProbePlan
+from clearbudget.solver.priors import PriorBook
 from tests.support.backends import SlowBackend
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

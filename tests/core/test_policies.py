@@ -11,18 +11,23 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import PendingQuery, WindowPipeline
-from daemon.core.policies import ClearPolicy, QueryView
-from daemon.core.windowing import Window
-from daemon.replay.config import draw_queries, one_lap_error, read_extras
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from daemon.replay.traces import Arrival
-from schemas.messages import QueryRequest, Status
-from solver.fit import ProbeOutcome, ProbePlan
-from solver.memory import ANSWER, NO_ANSWER, prompt_key
-from solver.priors import PriorBook
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import PendingQuery, WindowPipeline
+from clearbudget.daemon.core.policies import ClearPolicy, QueryView
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.daemon.replay.config import draw_queries, one_lap_error, read_extras
+from clearbudget.daemon.replay.rollouts import (
+    RolloutPool,
+    RolloutRecord,
+    RolloutSample,
+    load_rollouts,
+)
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.daemon.replay.traces import Arrival
+from clearbudget.schemas.messages import QueryRequest, Status
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.memory import ANSWER, NO_ANSWER, prompt_key
+from clearbudget.solver.priors import PriorBook
 
 PLAN = ProbePlan(samples=1, tokens=256)
 

@@ -16,15 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import (
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import (
     HANDOVER_REASON,
     SHUTDOWN_REASON,
     PendingQuery,
     WindowPipeline,
     unserved_results,
 )
-from daemon.core.policies import (
+from clearbudget.daemon.core.policies import (
     AllocationPolicy,
     ClearPolicy,
     Decision,
@@ -33,13 +33,13 @@ from daemon.core.policies import (
     QueryView,
     UniformPolicy,
 )
-from daemon.core.ports import Completion, CompletionBackend
-from daemon.core.windowing import Window
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from schemas.messages import Curve, QueryRequest, QueryResult, ReasonCode, Status
-from solver.fit import ProbePlan
-from solver.priors import PriorBook
+from clearbudget.daemon.core.ports import Completion, CompletionBackend
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.schemas.messages import Curve, QueryRequest, QueryResult, ReasonCode, Status
+from clearbudget.solver.fit import ProbePlan
+from clearbudget.solver.priors import PriorBook
 from tests.core.test_pipeline import FailingBackend, OneBadResponse
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import PendingQuery
-from daemon.core.policies import ClearPolicy, QueryView
-from daemon.core.tag_spend import TagSpendPipeline, tag_spend
-from daemon.core.tags import OTHER, TagBudgets, TagShare
-from daemon.core.windowing import Window
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from schemas.messages import QueryRequest, QueryResult, ReasonCode, Status
-from solver.cvx import CvxpyAllocator
-from solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import PendingQuery
+from clearbudget.daemon.core.policies import ClearPolicy, QueryView
+from clearbudget.daemon.core.tag_spend import TagSpendPipeline, tag_spend
+from clearbudget.daemon.core.tags import OTHER, TagBudgets, TagShare
+from clearbudget.daemon.core.windowing import Window
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.schemas.messages import QueryRequest, QueryResult, ReasonCode, Status
+from clearbudget.solver.cvx import CvxpyAllocator
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 
 PLAN = ProbePlan(samples=1, tokens=256)
 CAP = 8192

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.core.windowing import WindowAssembler
+from clearbudget.daemon.core.windowing import WindowAssembler
 
 
 def test_window_closes_by_time_and_spans_from_previous_close() -> None:

@@ -13,16 +13,16 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from daemon.app import (
+from clearbudget.daemon.app import (
     GC_GEN0_THRESHOLD,
     _readiness,
     configure_logging,
     tune_gc,
     window_id_prefix,
 )
-from daemon.kafka.service import DaemonState
-from daemon.kafka.sinks import BrokerHealth
-from schemas.types import ID_PATTERN
+from clearbudget.daemon.kafka.service import DaemonState
+from clearbudget.daemon.kafka.sinks import BrokerHealth
+from clearbudget.schemas.types import ID_PATTERN
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.settings import SettingsError, load_settings
+from clearbudget.daemon.settings import SettingsError, load_settings
 
 
 def test_feedback_is_off_by_default_and_when_empty() -> None:

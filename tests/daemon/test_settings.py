@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.settings import (
+from clearbudget.daemon.settings import (
     ENV_PREFIX,
     SECRET_FIELDS,
     Scrubber,
@@ -351,7 +351,7 @@ def test_a_bad_tag_budget_names_the_variable_and_the_entry(value: str, entry: st
 def test_vllm_discovery_is_off_by_default_and_dns_builds_a_discovering_pool() -> None:
     from prometheus_client import CollectorRegistry
 
-    from daemon.app import build_backend
+    from clearbudget.daemon.app import build_backend
 
     defaults = load_settings({})
     assert (defaults.vllm_discovery, defaults.vllm_discovery_interval_seconds) == ("none", 10.0)

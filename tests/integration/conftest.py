@@ -9,7 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.replay.embedded import BrokerStartError, EmbeddedBroker, start_embedded_broker
+from clearbudget.daemon.replay.embedded import (
+    BrokerStartError,
+    EmbeddedBroker,
+    start_embedded_broker,
+)
 from tests.support.vllm_server import VllmServer, VllmStartError, start_vllm_server
 
 

@@ -8,7 +8,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from daemon.replay.embedded import EmbeddedBroker
+from clearbudget.daemon.replay.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.kafka
 

@@ -10,10 +10,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from daemon.app import run_daemon
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
-from daemon.settings import load_settings
-from schemas.messages import QueryResult, Status
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import QueryResult, Status
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.kafka, pytest.mark.slow]

@@ -12,13 +12,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from daemon.app import run_daemon
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.sim_server import start_simulator
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from daemon.settings import load_settings
-from schemas.messages import DeadLetter, QueryResult, Status
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from clearbudget.daemon.replay.rollouts import load_rollouts
+from clearbudget.daemon.replay.sim_server import start_simulator
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import DeadLetter, QueryResult, Status
 from tests.integration.test_daemon_kafka import read_all
 from tests.support.waiting import until
 

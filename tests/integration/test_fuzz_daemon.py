@@ -22,9 +22,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from daemon.kafka.intake import DUPLICATE_ID_ERROR
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port, wait_for_port
-from schemas.messages import DeadLetter, QueryResult, Status
+from clearbudget.daemon.kafka.intake import DUPLICATE_ID_ERROR
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port, wait_for_port
+from clearbudget.schemas.messages import DeadLetter, QueryResult, Status
 from tests.kafka.test_intake import records
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -71,7 +71,7 @@ def rig(
     loop = asyncio.new_event_loop()
     loop.run_until_complete(_make_topics(kafka_broker.bootstrap))
     sim_port, http_port = free_loopback_port(), free_loopback_port()
-    cli = [sys.executable, "-m", "daemon.cli"]
+    cli = [sys.executable, "-m", "clearbudget.daemon.cli"]
     simulator = _start(
         [*cli, "simulate-backend", "--rollouts", str(shared_data / "rollouts.jsonl"),
          "--port", str(sim_port)],

@@ -12,15 +12,15 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import TopicAuthorizationFailedError
 from prometheus_client import CollectorRegistry
 
-import daemon.app
-from daemon.app import run_daemon
-from daemon.kafka.service import Daemon
-from daemon.kafka.sinks import KafkaResultSink, PublishFailed
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from daemon.settings import load_settings
-from schemas.messages import DeadLetter, QueryRequest, QueryResult
+import clearbudget.daemon.app
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.kafka.service import Daemon
+from clearbudget.daemon.kafka.sinks import KafkaResultSink, PublishFailed
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import DeadLetter, QueryRequest, QueryResult
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.kafka]
@@ -47,7 +47,7 @@ class RefusingResults(KafkaResultSink):
 async def test_a_refusing_results_topic_is_the_reason_on_readyz_and_healthz(
     kafka_broker: EmbeddedBroker, kafka_topic, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon.app, "KafkaResultSink", RefusingResults)
+    monkeypatch.setattr(clearbudget.daemon.app, "KafkaResultSink", RefusingResults)
     RefusingResults.release = asyncio.Event()
     topics = [await kafka_topic(name) for name in ("queries", "results", "dlq")]
     port = free_loopback_port()

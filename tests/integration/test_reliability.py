@@ -24,14 +24,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.replay.embedded import (
+from clearbudget.daemon.replay.embedded import (
     EmbeddedBroker,
     free_loopback_port,
     start_embedded_broker,
     stop_process,
     wait_for_port,
 )
-from schemas.messages import QueryResult
+from clearbudget.schemas.messages import QueryResult
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -68,7 +68,7 @@ class Cluster:
         }
         with open(self.logs / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log,
+                [sys.executable, "-m", "clearbudget.daemon.cli", "run"], env=env, stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for_port("127.0.0.1", port, 60, process)
@@ -78,8 +78,8 @@ class Cluster:
 def start_simulator(rollouts: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts", str(rollouts),
-             "--port", str(port)],
+            [sys.executable, "-m", "clearbudget.daemon.cli", "simulate-backend",
+             "--rollouts", str(rollouts), "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     wait_for_port("127.0.0.1", port, 60, process)

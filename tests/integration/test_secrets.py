@@ -25,11 +25,11 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.sim_server import create_app
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from schemas.messages import QueryRequest, QueryResult, Status
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.sim_server import create_app
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.schemas.messages import QueryRequest, QueryResult, Status
 from tests.integration.test_daemon_kafka import read_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -134,7 +134,7 @@ class Process:
     @classmethod
     async def start(cls, name: str, args: list[str], env: dict[str, str]) -> Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon.cli", *args, env=env,
+            sys.executable, "-m", "clearbudget.daemon.cli", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert process.stdout is not None

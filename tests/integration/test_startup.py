@@ -13,13 +13,13 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from daemon.app import run_daemon
-from daemon.kafka.clients import StartupError
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from daemon.settings import load_settings
-from schemas.messages import QueryRequest, QueryResult, Status
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.kafka.clients import StartupError
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import QueryRequest, QueryResult, Status
 from tests.integration.test_daemon_kafka import read_all
 
 pytestmark = [pytest.mark.kafka]
@@ -75,8 +75,8 @@ def test_an_unreachable_broker_is_one_line_naming_the_variable() -> None:
         "CLEAR_HTTP_HOST": "127.0.0.1",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "run"], env=env, capture_output=True, text=True,
-        timeout=60,
+        [sys.executable, "-m", "clearbudget.daemon.cli", "run"], env=env, capture_output=True,
+        text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port, stop_process
-from schemas.messages import QueryResult, Status
+from clearbudget.daemon.replay.embedded import EmbeddedBroker, free_loopback_port, stop_process
+from clearbudget.schemas.messages import QueryResult, Status
 from tests.integration.test_reliability import Cluster, start_simulator
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -69,7 +69,7 @@ def cli(
         **(env or {}),
     }
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args], env=variables, cwd=cluster.logs,
+        [sys.executable, "-m", "clearbudget.daemon.cli", *args], env=variables, cwd=cluster.logs,
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
 

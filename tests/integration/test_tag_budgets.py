@@ -23,10 +23,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port, stop_process, wait_for_port
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.simulator import prompt_for
-from schemas.messages import QueryResult, WindowReport
+from clearbudget.daemon.replay.embedded import (
+    EmbeddedBroker,
+    free_loopback_port,
+    stop_process,
+    wait_for_port,
+)
+from clearbudget.daemon.replay.rollouts import load_rollouts
+from clearbudget.daemon.replay.simulator import prompt_for
+from clearbudget.schemas.messages import QueryResult, WindowReport
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -66,7 +71,7 @@ def rig(kafka_broker: EmbeddedBroker, shared_data: Path, tmp_path: Path) -> Iter
             await admin.close()
 
     asyncio.run(create())
-    cli = [sys.executable, "-m", "daemon.cli"]
+    cli = [sys.executable, "-m", "clearbudget.daemon.cli"]
     sim_port, http_port = free_loopback_port(), free_loopback_port()
     with open(tmp_path / "simulator.log", "wb") as log:
         simulator = subprocess.Popen(

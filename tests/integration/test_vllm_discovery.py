@@ -22,13 +22,18 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-import daemon.vllm.pool
-from daemon.app import run_daemon
-from daemon.kafka.service import Daemon
-from daemon.replay.embedded import EmbeddedBroker, free_loopback_port, stop_process, wait_for_port
-from daemon.settings import load_settings
-from daemon.vllm.pool import BreakerSettings, VllmPool
-from schemas.messages import QueryRequest, QueryResult
+import clearbudget.daemon.vllm.pool
+from clearbudget.daemon.app import run_daemon
+from clearbudget.daemon.kafka.service import Daemon
+from clearbudget.daemon.replay.embedded import (
+    EmbeddedBroker,
+    free_loopback_port,
+    stop_process,
+    wait_for_port,
+)
+from clearbudget.daemon.settings import load_settings
+from clearbudget.daemon.vllm.pool import BreakerSettings, VllmPool
+from clearbudget.schemas.messages import QueryRequest, QueryResult
 from tests.integration.conftest import TopicFactory
 from tests.support.waiting import until
 from tests.vllm.test_pool_discovery import FakeDns
@@ -57,7 +62,7 @@ class Fleet:
     def start(self, host: str) -> None:
         with open(self.logs / f"sim-{host}.log", "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "simulate-backend", "--rollouts",
+                [sys.executable, "-m", "clearbudget.daemon.cli", "simulate-backend", "--rollouts",
                  str(self.rollouts), "--host", host, "--port", str(self.port)],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -144,7 +149,9 @@ async def test_the_daemon_configured_for_dns_discovery_serves_from_every_pod(
 ) -> None:
     # The whole daemon path: CLEAR_VLLM_DISCOVERY=dns -> build_backend -> start() -> the pods.
     dns = FakeDns({"vllm-fleet": [POD_A, POD_B]})
-    monkeypatch.setattr(daemon.vllm.pool, "resolve_addresses", dns)  # the default resolver
+    monkeypatch.setattr(
+        clearbudget.daemon.vllm.pool, "resolve_addresses", dns
+    )  # the default resolver
     topics = [await kafka_topic(name) for name in ("queries", "results", "dlq")]
     settings = load_settings(
         {

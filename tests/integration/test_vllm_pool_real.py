@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.replay.embedded import free_loopback_port
-from daemon.vllm.pool import BackendRequestError, BreakerSettings, VllmPool
+from clearbudget.daemon.replay.embedded import free_loopback_port
+from clearbudget.daemon.vllm.pool import BackendRequestError, BreakerSettings, VllmPool
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -13,11 +13,11 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from daemon.core.metrics import PipelineMetrics
-from daemon.kafka.feedback import FeedbackLoop, holds_first_partition, stop_feedback
-from daemon.kafka.intake import Intake, Rejection
-from daemon.kafka.sinks import FatalPublishError
-from schemas import DeadLetter, Feedback, QueryResult, WindowReport
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.kafka.feedback import FeedbackLoop, holds_first_partition, stop_feedback
+from clearbudget.daemon.kafka.intake import Intake, Rejection
+from clearbudget.daemon.kafka.sinks import FatalPublishError
+from clearbudget.schemas import DeadLetter, Feedback, QueryResult, WindowReport
 
 TOPIC = "clear.feedback"
 
@@ -204,7 +204,7 @@ def test_the_feedback_schema_agrees_with_the_model_and_the_contracts_doc() -> No
 
     from pydantic import ValidationError
 
-    from schemas.export import drifted_schema_files, schema_document
+    from clearbudget.schemas.export import drifted_schema_files, schema_document
 
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(schema_document("feedback"))

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from daemon.kafka.intake import DUPLICATE_ID_ERROR, Intake, IntakeLimits, Rejection
-from schemas import DeadLetter, QueryRequest, QueryResult, ReasonCode, Status
-from schemas.types import ID_PATTERN, MAX_EPOCH_SECONDS, TAG_KEY_PATTERN
+from clearbudget.daemon.kafka.intake import DUPLICATE_ID_ERROR, Intake, IntakeLimits, Rejection
+from clearbudget.schemas import DeadLetter, QueryRequest, QueryResult, ReasonCode, Status
+from clearbudget.schemas.types import ID_PATTERN, MAX_EPOCH_SECONDS, TAG_KEY_PATTERN
 
 NOW = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
 TOPIC, PARTITION, OFFSET = "clear.queries", 2, 1234

@@ -6,7 +6,7 @@ from aiokafka import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.kafka.offsets import OffsetTracker
+from clearbudget.daemon.kafka.offsets import OffsetTracker
 
 
 def test_commit_position_is_lowest_unfinished_offset() -> None:

@@ -3,9 +3,9 @@ texts are the ones the pipeline maps to `shutdown` and `handover` (service.py pa
 
 from __future__ import annotations
 
-from daemon.core.pipeline import UNSERVED_REASON_CODES, PendingQuery, unserved_results
-from daemon.kafka import service
-from schemas.messages import QueryRequest, ReasonCode, Status
+from clearbudget.daemon.core.pipeline import UNSERVED_REASON_CODES, PendingQuery, unserved_results
+from clearbudget.daemon.kafka import service
+from clearbudget.schemas.messages import QueryRequest, ReasonCode, Status
 
 
 def test_the_services_reasons_are_the_ones_the_pipeline_maps() -> None:

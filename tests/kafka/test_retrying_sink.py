@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiokafka.errors import KafkaConnectionError
 
-from daemon.kafka.sinks import BrokerHealth, RetryingSink
-from schemas.messages import DeadLetter, QueryResult, ReasonCode, Status, WindowReport
+from clearbudget.daemon.kafka.sinks import BrokerHealth, RetryingSink
+from clearbudget.schemas.messages import DeadLetter, QueryResult, ReasonCode, Status, WindowReport
 
 
 class FlakySink:

@@ -11,17 +11,17 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from daemon.core.budget import BudgetLedger
-from daemon.core.metrics import PipelineMetrics
-from daemon.core.pipeline import WindowPipeline
-from daemon.core.policies import AllocationPolicy, UniformPolicy
-from daemon.core.ports import CompletionBackend
-from daemon.kafka.intake import Intake
-from daemon.kafka.service import Daemon
-from daemon.kafka.sinks import FatalPublishError
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import SimulatedBackend, prompt_for
-from schemas.messages import DeadLetter, QueryRequest, QueryResult, Status, WindowReport
+from clearbudget.daemon.core.budget import BudgetLedger
+from clearbudget.daemon.core.metrics import PipelineMetrics
+from clearbudget.daemon.core.pipeline import WindowPipeline
+from clearbudget.daemon.core.policies import AllocationPolicy, UniformPolicy
+from clearbudget.daemon.core.ports import CompletionBackend
+from clearbudget.daemon.kafka.intake import Intake
+from clearbudget.daemon.kafka.service import Daemon
+from clearbudget.daemon.kafka.sinks import FatalPublishError
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
+from clearbudget.schemas.messages import DeadLetter, QueryRequest, QueryResult, Status, WindowReport
 from tests.support.backends import SlowBackend
 from tests.support.waiting import until
 

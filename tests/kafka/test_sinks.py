@@ -12,15 +12,15 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from daemon.kafka.sinks import (
+from clearbudget.daemon.kafka.sinks import (
     CUT_TEXT_REASON,
     BrokerHealth,
     FatalPublishError,
     KafkaResultSink,
     RetryingSink,
 )
-from daemon.settings import load_settings
-from schemas.messages import QueryResult, ReasonCode, Status, WindowReport
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import QueryResult, ReasonCode, Status, WindowReport
 
 SETTINGS = load_settings(
     {"CLEAR_VLLM_ENDPOINTS": "http://127.0.0.1:1", "CLEAR_WINDOW_TOPIC": "clear.windows"},

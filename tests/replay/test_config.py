@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from daemon.replay.config import (
+from clearbudget.daemon.replay.config import (
     ReplayConfig,
     ReplayQuery,
     budget_ledger,
@@ -15,12 +15,12 @@ from daemon.replay.config import (
     tokens_per_query,
     trace_span,
 )
-from daemon.replay.demo import MIN_WINDOW_SECONDS, daemon_settings
-from daemon.replay.report import ReplayReport, score
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
-from daemon.replay.simulator import ChainRef, format_marker
-from daemon.settings import load_settings
-from schemas.messages import QueryRequest, QueryResult, Status, reason_codes_of
+from clearbudget.daemon.replay.demo import MIN_WINDOW_SECONDS, daemon_settings
+from clearbudget.daemon.replay.report import ReplayReport, score
+from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
+from clearbudget.daemon.replay.simulator import ChainRef, format_marker
+from clearbudget.daemon.settings import load_settings
+from clearbudget.schemas.messages import QueryRequest, QueryResult, Status, reason_codes_of
 
 CONTRACT_KEYS = [
     "policy", "queries", "answered", "abandoned", "failed", "mean_accuracy", "tokens_total",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import daemon.replay.demo
-from daemon.replay.config import ReplayConfig, draw_queries
-from daemon.replay.demo import demo_settings, replay_with_simulator, run_demo
-from daemon.replay.embedded import BrokerStartError, start_embedded_broker
-from daemon.replay.report import ReplayReport
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.traces import read_trace
+import clearbudget.daemon.replay.demo
+from clearbudget.daemon.replay.config import ReplayConfig, draw_queries
+from clearbudget.daemon.replay.demo import demo_settings, replay_with_simulator, run_demo
+from clearbudget.daemon.replay.embedded import BrokerStartError, start_embedded_broker
+from clearbudget.daemon.replay.report import ReplayReport
+from clearbudget.daemon.replay.rollouts import load_rollouts
+from clearbudget.daemon.replay.traces import read_trace
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_a_broker_that_cannot_start_is_an_exception(
     def no_broker() -> None:
         raise BrokerStartError("no tansu here")
 
-    monkeypatch.setattr(daemon.replay.demo, "start_embedded_broker", no_broker)
+    monkeypatch.setattr(clearbudget.daemon.replay.demo, "start_embedded_broker", no_broker)
     lines: list[str] = []
     with pytest.raises(BrokerStartError, match="no tansu"):
         run_demo(*inputs, CONFIGS, speedup=10.0, on_progress=lines.append)

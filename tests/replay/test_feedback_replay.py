@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-import daemon.replay.inprocess as inprocess
-from daemon.cli.inputs import report_dict
-from daemon.core.feedback import FeedbackOutcome
-from daemon.core.policies import ClearPolicy, Decision, QueryView
-from daemon.replay.config import ReplayConfig, draw_queries, make_policy
-from daemon.replay.rollouts import load_rollouts
-from daemon.replay.simulator import grade
-from daemon.replay.traces import read_trace
-from schemas.messages import QueryRequest
+import clearbudget.daemon.replay.inprocess as inprocess
+from clearbudget.daemon.cli.inputs import report_dict
+from clearbudget.daemon.core.feedback import FeedbackOutcome
+from clearbudget.daemon.core.policies import ClearPolicy, Decision, QueryView
+from clearbudget.daemon.replay.config import ReplayConfig, draw_queries, make_policy
+from clearbudget.daemon.replay.rollouts import load_rollouts
+from clearbudget.daemon.replay.simulator import grade
+from clearbudget.daemon.replay.traces import read_trace
+from clearbudget.schemas.messages import QueryRequest
 
 
 class Recording(ClearPolicy):
@@ -112,7 +112,7 @@ def test_the_simulator_grades_what_the_report_scores(inputs) -> None:
 
 
 def test_the_report_says_whether_feedback_was_on() -> None:
-    from daemon.replay.report import ReplayReport
+    from clearbudget.daemon.replay.report import ReplayReport
 
     report = ReplayReport("clear", 1, 1, 0, 0, 1.0, 10, 5, 10.0, 10.0, 1, 0.0, 0.0, 0.0)
     off = report_dict(report, None)
@@ -132,7 +132,7 @@ def test_replay_command_reports_feedback(shared_data: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from daemon.cli import app
+    from clearbudget.daemon.cli import app
 
     args = ["replay", "--budget-per-query", "500", "--limit", "60",
             "--trace", str(shared_data / "azure_llm_conv_2023.csv"),

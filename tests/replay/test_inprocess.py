@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.replay.config import ReplayConfig, draw_queries
-from daemon.replay.inprocess import replay
-from daemon.replay.rollouts import load_rollouts, uniform_cap_for_cost
-from daemon.replay.traces import read_trace
+from clearbudget.daemon.replay.config import ReplayConfig, draw_queries
+from clearbudget.daemon.replay.inprocess import replay
+from clearbudget.daemon.replay.rollouts import load_rollouts, uniform_cap_for_cost
+from clearbudget.daemon.replay.traces import read_trace
 
 REPORT_KEYS = [
     "policy", "queries", "answered", "abandoned", "failed", "mean_accuracy", "tokens_total",

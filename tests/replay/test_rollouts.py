@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.replay.files import InputFileError
-from daemon.replay.rollouts import (
+from clearbudget.daemon.replay.files import InputFileError
+from clearbudget.daemon.replay.rollouts import (
     RolloutPool,
     RolloutRecord,
     RolloutSample,

@@ -12,17 +12,22 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
-from daemon.cli import app
-from daemon.core.ports import Completion, CompletionBackend, Sample
-from daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample, load_rollouts
-from daemon.replay.sim_server import (
+from clearbudget.daemon.cli import app
+from clearbudget.daemon.core.ports import Completion, CompletionBackend, Sample
+from clearbudget.daemon.replay.rollouts import (
+    RolloutPool,
+    RolloutRecord,
+    RolloutSample,
+    load_rollouts,
+)
+from clearbudget.daemon.replay.sim_server import (
     PodTiming,
     RunningSimulator,
     _DecodeSlots,
     create_app,
     start_simulator,
 )
-from daemon.replay.simulator import (
+from clearbudget.daemon.replay.simulator import (
     SimulatedBackend,
     SimulationRequestError,
     find_marker,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.replay.files import InputFileError
-from daemon.replay.traces import (
+from clearbudget.daemon.replay.files import InputFileError
+from clearbudget.daemon.replay.traces import (
     detect_format,
     read_azure_csv,
     read_mooncake_jsonl,

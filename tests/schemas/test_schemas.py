@@ -12,8 +12,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from daemon.cli import app
-from schemas import (
+from clearbudget.daemon.cli import app
+from clearbudget.schemas import (
     DEFAULT_MAX_PROMPT_BYTES,
     REASON_STATUS,
     RESULT_SCHEMA_VERSION,
@@ -25,7 +25,7 @@ from schemas import (
     Status,
     WindowReport,
 )
-from schemas.export import (
+from clearbudget.schemas.export import (
     REGENERATE_COMMAND,
     SCHEMA_MODELS,
     drifted_schema_files,

@@ -18,7 +18,7 @@ import itertools
 
 import numpy as np
 
-from solver import WindowProblem, solve_window, value
+from clearbudget.solver import WindowProblem, solve_window, value
 
 
 def water_fill(problem: WindowProblem, members: tuple[int, ...]) -> tuple[float, np.ndarray]:

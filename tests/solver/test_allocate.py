@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from solver import CvxpyAllocator, SolverFailure, WindowProblem, solve_window
-from solver.utility import envelope, value
+from clearbudget.solver import CvxpyAllocator, SolverFailure, WindowProblem, solve_window
+from clearbudget.solver.utility import envelope, value
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_solver_failure_falls_back_to_closed_form_and_is_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     problem = window(30, seed=2)
-    with caplog.at_level(logging.WARNING, logger="solver.allocate"):
+    with caplog.at_level(logging.WARNING, logger="clearbudget.solver.allocate"):
         result = solve_window(problem, method="cvxpy", allocator=BrokenAllocator())
     assert result.fallbacks == 1
     assert result.fell_back

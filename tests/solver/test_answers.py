@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from solver.answers import (
+from clearbudget.solver.answers import (
     answers_agree,
     consensus,
     extract_answer,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from daemon.cli import app
-from solver import ProblemError, WindowProblem
-from solver.contract import problem_from_json
+from clearbudget.daemon.cli import app
+from clearbudget.solver import ProblemError, WindowProblem
+from clearbudget.solver.contract import problem_from_json
 
 GOOD = {
     "budget": 3000,
@@ -110,7 +110,7 @@ def test_token_allocations_never_exceed_the_budget() -> None:
     problem = WindowProblem.create(
         [f"q{i}" for i in range(50)], np.full(50, 0.8), np.zeros(50), np.full(50, 0.01), 1000.0
     )
-    from solver import solve_window
+    from clearbudget.solver import solve_window
 
     tokens = solve_window(problem).token_allocations()
     assert tokens.sum() <= 1000

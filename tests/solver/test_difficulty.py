@@ -6,11 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solver.difficulty import BUDGET_GRID, DifficultyModel, DifficultySettings, QueryInfo
-from solver.hazards import HazardBook
-from solver.memory import PromptMemory, prompt_key
-from solver.mixture import inverse_hazard
-from solver.stages import EDGES, StageCounts, StageCurve, exposure, non_increasing, stage_of
+from clearbudget.solver.difficulty import (
+    BUDGET_GRID,
+    DifficultyModel,
+    DifficultySettings,
+    QueryInfo,
+)
+from clearbudget.solver.hazards import HazardBook
+from clearbudget.solver.memory import PromptMemory, prompt_key
+from clearbudget.solver.mixture import inverse_hazard
+from clearbudget.solver.stages import (
+    EDGES,
+    StageCounts,
+    StageCurve,
+    exposure,
+    non_increasing,
+    stage_of,
+)
 
 TAGS = {"task": "amc23", "model": "r1-7b"}
 

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from solver.answers import consensus
-from solver.fit import (
+from clearbudget.solver.answers import consensus
+from clearbudget.solver.fit import (
     CurveEstimate,
     FitSettings,
     ProbeOutcome,
@@ -17,7 +17,7 @@ from solver.fit import (
     fit_window,
     select_probes,
 )
-from solver.priors import LengthPrior, PriorBook, fit_conditional, kaplan_meier_quantile
+from clearbudget.solver.priors import LengthPrior, PriorBook, fit_conditional, kaplan_meier_quantile
 
 TAGS = {"task": "amc", "model": "m7b"}
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from solver.difficulty import DifficultyModel, DifficultySettings, Observation, QueryInfo
-from solver.hazards import HazardBook
-from solver.memory import ANSWER, ANSWERED, NO_ANSWER, PromptMemory
-from solver.stages import StageCounts, stage_of
+from clearbudget.solver.difficulty import (
+    DifficultyModel,
+    DifficultySettings,
+    Observation,
+    QueryInfo,
+)
+from clearbudget.solver.hazards import HazardBook
+from clearbudget.solver.memory import ANSWER, ANSWERED, NO_ANSWER, PromptMemory
+from clearbudget.solver.stages import StageCounts, stage_of
 
 TAGS = {"task": "amc23", "model": "r1-7b"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from solver.priors import PriorBook
+from clearbudget.solver.priors import PriorBook
 
 
 def test_the_stalest_key_goes_first_and_the_global_pool_stays() -> None:

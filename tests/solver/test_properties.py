@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from solver import CvxpyAllocator, WindowProblem, solve_window
-from solver.allocate import relax_closed_form
-from solver.curves import build_curves
-from solver.rounding import KNEE_RTOL
+from clearbudget.solver import CvxpyAllocator, WindowProblem, solve_window
+from clearbudget.solver.allocate import relax_closed_form
+from clearbudget.solver.curves import build_curves
+from clearbudget.solver.rounding import KNEE_RTOL
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 CONIC = settings(

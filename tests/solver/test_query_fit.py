@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solver.difficulty import BUDGET_GRID, DifficultyModel, QueryInfo
-from solver.fit import ProbeOutcome, ProbePlan
-from solver.query_fit import allocate_curves, fit_queries, select_queries
-from solver.surge_fit import curve_price, fit_at_price, fit_surge
-from solver.utility import envelope, value
+from clearbudget.solver.difficulty import BUDGET_GRID, DifficultyModel, QueryInfo
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.query_fit import allocate_curves, fit_queries, select_queries
+from clearbudget.solver.surge_fit import curve_price, fit_at_price, fit_surge
+from clearbudget.solver.utility import envelope, value
 
 G = BUDGET_GRID
 

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solver import WindowProblem, solve_window
-from solver.allocate import relax_closed_form
-from solver.closed_form import closed_form_prices
-from solver.curves import Curves, allocation_at, build_curves, weighted_value
-from solver.rounding import (
+from clearbudget.solver import WindowProblem, solve_window
+from clearbudget.solver.allocate import relax_closed_form
+from clearbudget.solver.closed_form import closed_form_prices
+from clearbudget.solver.curves import Curves, allocation_at, build_curves, weighted_value
+from clearbudget.solver.rounding import (
     drop_chord_queries,
     enforce_budgets,
     fill_funded,

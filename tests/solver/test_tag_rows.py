@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solver import CvxpyAllocator, WindowProblem, solve_window
-from solver.difficulty import BUDGET_GRID
-from solver.query_fit import allocate_curves
-from solver.surge_fit import curve_price
+from clearbudget.solver import CvxpyAllocator, WindowProblem, solve_window
+from clearbudget.solver.difficulty import BUDGET_GRID
+from clearbudget.solver.query_fit import allocate_curves
+from clearbudget.solver.surge_fit import curve_price
 
 G = BUDGET_GRID
 

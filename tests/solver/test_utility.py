@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from solver.utility import envelope, envelope_value, marginal_value, surge_excess, value
+from clearbudget.solver.utility import envelope, envelope_value, marginal_value, surge_excess, value
 
 
 def brute_tangent(tau: float, beta: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from daemon.core.ports import Completion, CompletionBackend
+from clearbudget.daemon.core.ports import Completion, CompletionBackend
 
 
 class SlowBackend:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.replay.embedded import free_loopback_port, stop_process
+from clearbudget.daemon.replay.embedded import free_loopback_port, stop_process
 from tests.support.tiny_llama import build_tiny_llama
 
 

@@ -16,10 +16,10 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from daemon.core.ports import BackendError
-from daemon.replay.embedded import free_loopback_port
-from daemon.vllm.breaker import BreakerSettings
-from daemon.vllm.pool import AiohttpTransport, BackendRequestError, VllmPool
+from clearbudget.daemon.core.ports import BackendError
+from clearbudget.daemon.replay.embedded import free_loopback_port
+from clearbudget.daemon.vllm.breaker import BreakerSettings
+from clearbudget.daemon.vllm.pool import AiohttpTransport, BackendRequestError, VllmPool
 from tests.support.waiting import until
 
 A = "http://pod-a:8000"  # for argument checks only: nothing is sent there

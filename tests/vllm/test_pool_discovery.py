@@ -18,9 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.core.ports import Completion
-from daemon.vllm.breaker import BreakerSettings
-from daemon.vllm.pool import VllmPool, resolve_addresses
+from clearbudget.daemon.core.ports import Completion
+from clearbudget.daemon.vllm.breaker import BreakerSettings
+from clearbudget.daemon.vllm.pool import VllmPool, resolve_addresses
 from tests.support.waiting import until
 from tests.vllm.test_pool import Pods
 from tests.vllm.test_pool_outage import START, FakeTime
@@ -268,7 +268,7 @@ async def test_a_lookup_that_hangs_is_a_failed_one(
     pools: list[VllmPool], transport: FakeTransport, registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr("daemon.vllm.pool._RESOLVE_TIMEOUT_S", 0.01)
+    monkeypatch.setattr("clearbudget.daemon.vllm.pool._RESOLVE_TIMEOUT_S", 0.01)
     dns = FakeDns({"vllm": [P1]})
     pool = fleet_pool(pools, transport, registry, dns)
     await pool.start()

@@ -17,10 +17,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from daemon.core.ports import BackendError, Completion
-from daemon.replay.embedded import free_loopback_port
-from daemon.vllm.breaker import BreakerSettings, CircuitBreaker
-from daemon.vllm.pool import AiohttpTransport, BackendRequestError, TransportError, VllmPool
+from clearbudget.daemon.core.ports import BackendError, Completion
+from clearbudget.daemon.replay.embedded import free_loopback_port
+from clearbudget.daemon.vllm.breaker import BreakerSettings, CircuitBreaker
+from clearbudget.daemon.vllm.pool import (
+    AiohttpTransport,
+    BackendRequestError,
+    TransportError,
+    VllmPool,
+)
 from tests.support.waiting import until
 from tests.vllm.test_pool import Pods
 from tests.vllm.test_pool import ok as pod_ok

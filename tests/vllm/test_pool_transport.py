@@ -15,16 +15,16 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemon.core.ports import BackendError, Completion, Sample
-from daemon.vllm.breaker import BreakerSettings
-from daemon.vllm.pool import (
+from clearbudget.daemon.core.ports import BackendError, Completion, Sample
+from clearbudget.daemon.vllm.breaker import BreakerSettings
+from clearbudget.daemon.vllm.pool import (
     BackendRequestError,
     Transport,
     TransportError,
     TransportTimeout,
     VllmPool,
 )
-from daemon.vllm.protocol import ApiError, encode_completion
+from clearbudget.daemon.vllm.protocol import ApiError, encode_completion
 from tests.support.waiting import until
 
 A = "http://pod-a:8000"

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.core.ports import Completion, Sample
-from daemon.vllm.protocol import (
+from clearbudget.daemon.core.ports import Completion, Sample
+from clearbudget.daemon.vllm.protocol import (
     MAX_ERROR_CHARS,
     ApiError,
     CompletionRequest,
