@@ -178,11 +178,14 @@ async def run_daemon(
             tag_budgets=tag_budgets, tag_metrics=metrics.tags,
             remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
         )  # fmt: skip
-        cap = settings.max_tokens_per_query
-        pipeline = WindowPipeline(backend, policy, metrics, max_tokens_per_query=cap)
+        limits = {
+            "max_tokens_per_query": settings.max_tokens_per_query,
+            "thinking_answer_tokens": settings.thinking_answer_allowance,
+        }
+        pipeline = WindowPipeline(backend, policy, metrics, **limits)
         if tag_budgets is not None:
             pipeline = TagSpendPipeline(
-                backend, policy, metrics, tag_budgets=tag_budgets, max_tokens_per_query=cap
+                backend, policy, metrics, tag_budgets=tag_budgets, **limits
             )
         health = BrokerHealth()
         sink = RetryingSink(KafkaResultSink(producer, settings), health, logger=log)

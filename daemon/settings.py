@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clearbudget.daemon.core.ports import DEFAULT_THINKING_ANSWER_TOKENS, BudgetMode
 from clearbudget.daemon.core.tags import TagBudgets
 from clearbudget.schemas.messages import DEFAULT_MAX_PROMPT_BYTES
 
@@ -147,6 +148,14 @@ class Settings(BaseSettings):
     probe_samples: int = Field(default=1, ge=0, le=64, description="0 disables probing.")
     probe_tokens: int = Field(default=256, gt=0)
     max_tokens_per_query: int = Field(default=8192, gt=0)
+    budget_mode: BudgetMode = Field(
+        default="max_tokens",
+        description="max_tokens: cut a chain at its allocation; thinking: end its thinking "
+        "there (vLLM thinking_token_budget) and let it answer.",
+    )
+    # Thinking mode: the last this-many tokens of each continuation's allocation are kept for
+    # the answer (the allocation still bounds every generated token).
+    thinking_answer_tokens: int = Field(default=DEFAULT_THINKING_ANSWER_TOKENS, gt=0)
     # Backlog pacing: a window never holds more queries than its budget pays this many tokens
     # each; the rest wait in Kafka. Unset: four probes' worth (a probe and room to continue it;
     # at one probe's worth a backlog is spent on probes alone); 0: no pacing (windows close on
@@ -318,12 +327,26 @@ class Settings(BaseSettings):
         return problems
 
     def _budget_problems(self) -> list[str]:
+        problems = []
         if self.probe_samples > 0 and self.probe_tokens > self.max_tokens_per_query:
-            return [
+            problems.append(
                 f"{env_var('probe_tokens')} ({self.probe_tokens}) exceeds "
                 f"{env_var('max_tokens_per_query')} ({self.max_tokens_per_query})"
-            ]
-        return []
+            )
+        if self.budget_mode == "thinking" and (
+            self.thinking_answer_tokens >= self.max_tokens_per_query
+        ):
+            problems.append(
+                f"{env_var('thinking_answer_tokens')} ({self.thinking_answer_tokens}) leaves no "
+                f"room to think within {env_var('max_tokens_per_query')} "
+                f"({self.max_tokens_per_query})"
+            )
+        return problems
+
+    @property
+    def thinking_answer_allowance(self) -> int | None:
+        """The pipeline's `thinking_answer_tokens`: None unless CLEAR_BUDGET_MODE=thinking."""
+        return self.thinking_answer_tokens if self.budget_mode == "thinking" else None
 
     def _discovery_problems(self) -> list[str]:
         if self.vllm_discovery != "dns":

@@ -77,6 +77,8 @@ class ReasonCode(StrEnum):
     PROBE_ANSWERED = "probe_answered"  # answered from the probe alone; nothing dispatched
     CUT_WITH_PROBE_ANSWER = "cut_with_probe_answer"  # the chain ran out at its allocation;
     # answered with what the finished probes agreed on
+    THINKING_ENDED = "thinking_ended"  # CLEAR_BUDGET_MODE=thinking: vLLM ended the chain's
+    # thinking at its allocation and the model answered
     # abandoned
     INSOLVENT = "insolvent"  # priced out by the window's solve: no continuation allocated
     INSOLVENT_BEFORE_PROBE = "insolvent_before_probe"  # priced out on its predicted curve
@@ -105,6 +107,7 @@ REASON_STATUS: Mapping[ReasonCode, Status] = MappingProxyType(
         ReasonCode.CHAIN_FINISHED: Status.ANSWERED,
         ReasonCode.PROBE_ANSWERED: Status.ANSWERED,
         ReasonCode.CUT_WITH_PROBE_ANSWER: Status.ANSWERED,
+        ReasonCode.THINKING_ENDED: Status.ANSWERED,
         ReasonCode.INSOLVENT: Status.ABANDONED,
         ReasonCode.INSOLVENT_BEFORE_PROBE: Status.ABANDONED,
         ReasonCode.CUT_AT_ALLOCATION: Status.ABANDONED,

@@ -51,7 +51,7 @@ def demo_command(
         fail(f"cannot start the embedded broker: {exc}", code=1)
     except SettingsError as exc:
         fail(str(exc))
-    rows = [report_row(c.budget_per_query, r) for c, r in zip(configs, reports, strict=True)]
+    rows = [report_row(r, c) for c, r in zip(configs, reports, strict=True)]
     print_table(rows)
     uniform, clear = rows
     if uniform["mean_accuracy"] > 0:

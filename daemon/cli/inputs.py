@@ -54,6 +54,12 @@ HintFieldOpt = Annotated[
                       "no hint)."),
 ]  # fmt: skip
 
+BudgetModeOpt = Annotated[
+    str,
+    typer.Option(help="max_tokens: a chain is cut at its allocation; thinking: its thinking "
+                      "is ended there and it answers (the simulator's rule: "
+                      "docs/utility-model.md)."),
+]  # fmt: skip
 FeedbackOpt = Annotated[
     bool,
     typer.Option("--feedback", help="Play the downstream grader: each answered query's recorded "
@@ -102,7 +108,8 @@ def load_inputs(
 def make_config(policy: str, budget_per_query: float | None, tokens_per_second: float | None,
                 seed: int, window_seconds: float, window_max_queries: int, probe_samples: int,
                 probe_tokens: int, hint_field: str | None = None, feedback: bool = False,
-                feedback_delay: float = 0.0) -> ReplayConfig:  # fmt: skip
+                feedback_delay: float = 0.0, budget_mode: str = "max_tokens",
+                ) -> ReplayConfig:  # fmt: skip
     """The replay config; a bad value fails naming the command-line option."""
     from clearbudget.daemon.replay.config import ReplayConfig
     from clearbudget.solver.fit import ProbePlan
@@ -119,9 +126,11 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
             hint_field=hint_field,
             feedback=feedback,
             feedback_delay=feedback_delay,
+            budget_mode=budget_mode,  # type: ignore[arg-type]  # validated by ReplayConfig
         )
     except ValueError as exc:
         message = str(exc).replace("budget_per_query", "--budget-per-query")
+        message = message.replace("budget_mode", "--budget-mode")
         message = message.replace("feedback_delay", "--feedback-delay")
         fail(message.replace("tokens_per_second", "--tokens-per-second"))
 
@@ -157,31 +166,22 @@ def run_replay(
         return asyncio.run(replay(queries, pool, config, on_window=advance))
 
 
-def report_row(
-    budget_per_query: float | None,
-    report: ReplayReport,
-    hint_field: str | None = None,
-    feedback_delay: float | None = None,
-) -> dict[str, Any]:
-    """A sweep or demo row: the budget asked for, then the report's keys (with `hint_field`
-    and `feedback`)."""
-    return {
-        "budget_per_query": budget_per_query,
-        **report_dict(report, hint_field, feedback_delay),
-    }
+def report_row(report: ReplayReport, config: ReplayConfig) -> dict[str, Any]:
+    """A sweep or demo row: the budget asked for, then `report_dict`."""
+    return {"budget_per_query": config.budget_per_query, **report_dict(report, config)}
 
 
-def report_dict(
-    report: ReplayReport, hint_field: str | None, feedback_delay: float | None = None
-) -> dict[str, Any]:
-    """The report's keys, then `hint_field`: the record field replayed as difficulty_hint
-    (null when the replay ran without hints), `feedback`: whether graded feedback reached the
-    policy, and `feedback_delay`: its delay in trace seconds (null without feedback)."""
+def report_dict(report: ReplayReport, config: ReplayConfig) -> dict[str, Any]:
+    """The report's keys, then what the replay ran with: `hint_field`, the record field
+    replayed as difficulty_hint (null without hints); `feedback`, whether graded feedback
+    reached the policy; `feedback_delay`, its delay in trace seconds (null without feedback);
+    `budget_mode`, how allocations bounded the chains."""
     return {
         **report.to_dict(),
-        "hint_field": hint_field,
-        "feedback": feedback_delay is not None,
-        "feedback_delay": feedback_delay,
+        "hint_field": config.hint_field,
+        "feedback": config.feedback,
+        "feedback_delay": config.feedback_delay if config.feedback else None,
+        "budget_mode": config.budget_mode,
     }
 
 

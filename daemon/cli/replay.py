@@ -13,6 +13,7 @@ from clearbudget.daemon.cli.errors import fail
 from clearbudget.daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    BudgetModeOpt,
     FeedbackDelayOpt,
     FeedbackOpt,
     HintFieldOpt,
@@ -62,19 +63,22 @@ def replay_command(
     hint_field: HintFieldOpt = None,
     feedback: FeedbackOpt = False,
     feedback_delay: FeedbackDelayOpt = 0.0,
+    budget_mode: BudgetModeOpt = "max_tokens",
 ) -> None:
     """Replay recorded arrivals, each a query drawn from the rollout pool, under one policy.
 
     By default the real window pipeline runs in-process on a virtual clock with the
     recorded-rollout simulator as backend (an hour of trace in seconds). Every generated token
     counts, probes included. Prints the report as JSON (keys as in DESIGN.md, then
-    `hint_field`, `feedback` and `feedback_delay`). A pool holding one chain per record replays
-    at most one lap. `--feedback` grades every answered query from the recorded `correct` and
-    hands the grade to the policy `--feedback-delay` trace seconds after its answer.
+    `hint_field`, `feedback`, `feedback_delay` and `budget_mode`). A pool holding one chain per
+    record replays at most one lap. `--feedback` grades every answered query from the recorded
+    `correct` and hands the grade to the policy `--feedback-delay` trace seconds after its
+    answer. `--budget-mode thinking` ends a chain's thinking at its allocation instead of
+    cutting it (vLLM's thinking_token_budget; the simulator's rule is in docs/utility-model.md).
     """
     config = make_config(policy, budget_per_query, tokens_per_second, seed, window_seconds,
                          window_max_queries, probe_samples, probe_tokens, hint_field, feedback,
-                         feedback_delay)  # fmt: skip
+                         feedback_delay, budget_mode)  # fmt: skip
     if kafka:
         check_speedup(speedup)
         if feedback:
@@ -86,8 +90,7 @@ def replay_command(
         report = replay_on_kafka_from_env(queries, pool, config, speedup=speedup)
     else:
         report = run_replay(queries, pool, config)
-    text = json.dumps(report_dict(report, hint_field, config.feedback_delay if feedback else None),
-                      indent=2)  # fmt: skip
+    text = json.dumps(report_dict(report, config), indent=2)
     if json_out:
         json_out.write_text(text + "\n")
     typer.echo(text)

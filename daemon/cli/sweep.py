@@ -12,6 +12,7 @@ from clearbudget.daemon.cli.errors import fail
 from clearbudget.daemon.cli.inputs import (
     DEFAULT_ROLLOUTS,
     DEFAULT_TRACE,
+    BudgetModeOpt,
     FeedbackDelayOpt,
     FeedbackOpt,
     HintFieldOpt,
@@ -52,6 +53,7 @@ def sweep_command(
     hint_field: HintFieldOpt = None,
     feedback: FeedbackOpt = False,
     feedback_delay: FeedbackDelayOpt = 0.0,
+    budget_mode: BudgetModeOpt = "max_tokens",
 ) -> None:
     """Replay every policy over a grid of budgets; write pareto.json and a pareto.png plot of
     accuracy against tokens per query (the oracle is the ceiling). `--feedback`: graded
@@ -69,9 +71,8 @@ def sweep_command(
         for budget in grid:
             config = make_config(name, budget, None, seed, window_seconds, window_max_queries,
                                  probe_samples, probe_tokens, hint_field, feedback,
-                                 feedback_delay)  # fmt: skip
-            delay = config.feedback_delay if feedback else None
-            rows.append(report_row(budget, run_replay(queries, pool, config), hint_field, delay))
+                                 feedback_delay, budget_mode)  # fmt: skip
+            rows.append(report_row(run_replay(queries, pool, config), config))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_pareto(rows, out / "pareto.png", title=f"{len(queries)} queries from {trace.name}")

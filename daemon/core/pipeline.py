@@ -86,6 +86,7 @@ class WindowPipeline:
         metrics: PipelineMetrics,
         *,
         max_tokens_per_query: int,
+        thinking_answer_tokens: int | None = None,
         seed: int | None = None,
         wall_clock: Callable[[], datetime] = _utc_now,
         logger: structlog.typing.FilteringBoundLogger | None = None,
@@ -94,6 +95,9 @@ class WindowPipeline:
         self._policy = policy
         self._metrics = metrics
         self._max_tokens = max_tokens_per_query
+        # Thinking mode (None: off): a continuation's last `thinking_answer_tokens` of its
+        # allocation are kept for the answer; vLLM ends the thinking before them.
+        self._answer_tokens = thinking_answer_tokens
         self._seed = seed
         self._wall_clock = wall_clock
         self._log = logger or structlog.get_logger("clearbudget.pipeline")
@@ -223,14 +227,30 @@ class WindowPipeline:
         price: float,
     ) -> None:
         """Continue `chain` (None: a fresh chain) within `tokens`; if it does not finish, answer
-        with `fallback` (what the finished probes agreed on) when there is one."""
+        with `fallback` (what the finished probes agreed on) when there is one. In thinking
+        mode the chain's thinking is ended in time for it to answer within `tokens`."""
         prompt = _continuation_prompt(query.request.prompt, query.probe, chain)
-        completion = await self._request(query, "dispatch", prompt, 1, tokens, window_id, price)
+        before = chain.completion_tokens or 0 if chain else 0
+        thinking = self._thinking_budget(before, tokens)
+        completion = await self._request(
+            query, "dispatch", prompt, 1, tokens, window_id, price, thinking=thinking
+        )
         if completion is None:
             return
         sample = completion.samples[0]
-        chain_tokens = (chain.completion_tokens or 0 if chain else 0) + query.dispatch_tokens
+        chain_tokens = before + query.dispatch_tokens
         text = (chain.text if chain else "") + sample.text
+        if thinking is not None and sample.finish_reason == "stop" and chain_tokens > thinking:
+            # More tokens than it could think: vLLM ended the thinking and the model answered.
+            # The chain is known to run past `thinking`, so the curves learn it as cut there.
+            answer = extract_answer(text)
+            self._observe(query, thinking, finished=False, answer=None)
+            query.result = _result(
+                query, ReasonCode.THINKING_ENDED, window_id, price, answer=answer, text=text,
+                reason=f"its thinking was ended at {thinking} tokens to answer within its "
+                f"{tokens} allocated tokens",
+            )  # fmt: skip
+            return
         if sample.finish_reason != "stop":
             self._observe(query, chain_tokens, finished=False, answer=None)
             if fallback is not None:
@@ -252,6 +272,13 @@ class WindowPipeline:
             query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
         )
 
+    def _thinking_budget(self, chain_tokens: int, tokens: int) -> int | None:
+        """vLLM's `thinking_token_budget` for continuing a chain of `chain_tokens` (its
+        thinking so far, which vLLM counts from the prompt) with `tokens` more; None when off."""
+        if self._answer_tokens is None:
+            return None
+        return chain_tokens + max(tokens - self._answer_tokens, 0)
+
     async def _request(
         self,
         query: _Query,
@@ -261,12 +288,16 @@ class WindowPipeline:
         max_tokens: int,
         window_id: str,
         price: float | None,
+        *,
+        thinking: int | None = None,
     ) -> Completion | None:
         """One backend request for `query`, its tokens charged to `phase`. On failure, an
         expired deadline or an inconsistent response, the query gets its result (this query
         only, charged what the pod reported, at most the request's allowance) and None."""
         try:
-            completion = await self._complete(query.request, prompt, n=n, max_tokens=max_tokens)
+            completion = await self._complete(
+                query.request, prompt, n=n, max_tokens=max_tokens, thinking=thinking
+            )
         except BackendError as exc:
             self._charge_to(query, phase, max(exc.discarded_tokens, 0))
             query.result = _result(
@@ -294,10 +325,18 @@ class WindowPipeline:
             query.dispatch_tokens = tokens
 
     async def _complete(
-        self, request: QueryRequest, prompt: str | list[int], *, n: int, max_tokens: int
+        self,
+        request: QueryRequest,
+        prompt: str | list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        thinking: int | None,
     ) -> Completion:
         """One backend request, cancelled when the query's deadline passes (`_DeadlinePassed`)."""
-        request_call = self._backend.complete(prompt, n=n, max_tokens=max_tokens, seed=self._seed)
+        request_call = self._backend.complete(
+            prompt, n=n, max_tokens=max_tokens, seed=self._seed, thinking_token_budget=thinking
+        )
         if request.deadline is None:
             return await request_call
         left = (request.deadline - self._wall_clock()).total_seconds()

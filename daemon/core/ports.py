@@ -14,6 +14,12 @@ from typing import Literal, Protocol
 from clearbudget.schemas.messages import DeadLetter, QueryResult, WindowReport
 
 FinishReason = Literal["stop", "length"]
+# How an allocation bounds a chain: "max_tokens" cuts it there (a cut chain has no answer);
+# "thinking" sets vLLM's thinking_token_budget so the model still answers (a reasoning model
+# served with --reasoning-parser), keeping the allocation's last tokens for the answer.
+BudgetMode = Literal["max_tokens", "thinking"]
+BUDGET_MODES: tuple[BudgetMode, ...] = ("max_tokens", "thinking")
+DEFAULT_THINKING_ANSWER_TOKENS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +70,14 @@ class CompletionBackend(Protocol):
         n: int,
         max_tokens: int,
         seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         """Generate `n` chains of at most `max_tokens` tokens each, continuing `prompt`.
 
         `prompt` is text or, where the backend supports it, a list of token ids (vLLM does).
+        With `thinking_token_budget` (vLLM's, for a reasoning model served with a reasoning
+        parser), a chain still thinking after that many tokens has its thinking ended there
+        and answers within the rest of `max_tokens`, instead of being cut.
         """
         ...
 

@@ -25,6 +25,11 @@ from clearbudget.daemon.core.policies import (
     OraclePolicy,
     UniformPolicy,
 )
+from clearbudget.daemon.core.ports import (
+    BUDGET_MODES,
+    DEFAULT_THINKING_ANSWER_TOKENS,
+    BudgetMode,
+)
 from clearbudget.daemon.replay.files import InputFileError, json_lines
 from clearbudget.daemon.replay.rollouts import (
     RolloutPool,
@@ -59,10 +64,19 @@ class ReplayConfig:
     # seconds after its window published it (in-process replay; `daemon.replay.inprocess`).
     feedback: bool = False
     feedback_delay: float = 0.0
+    # How allocations bound chains (`daemon.core.ports.BudgetMode`); the simulator ends a
+    # chain's thinking in "thinking" mode.
+    budget_mode: BudgetMode = "max_tokens"
+    thinking_answer_tokens: int = DEFAULT_THINKING_ANSWER_TOKENS
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget_mode: must be one of {', '.join(BUDGET_MODES)}, got "
+                             f"{self.budget_mode!r}")  # fmt: skip
+        if self.thinking_answer_tokens < 1:
+            raise ValueError("thinking_answer_tokens: must be >= 1")
         if not (np.isfinite(self.feedback_delay) and self.feedback_delay >= 0):
             raise ValueError(f"feedback_delay: must be a finite number >= 0, got "
                              f"{self.feedback_delay!r}")  # fmt: skip
@@ -72,6 +86,11 @@ class ReplayConfig:
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+
+    @property
+    def thinking_answer_allowance(self) -> int | None:
+        """The pipeline's `thinking_answer_tokens`: None unless in thinking mode."""
+        return self.thinking_answer_tokens if self.budget_mode == "thinking" else None
 
 
 @dataclass(frozen=True, slots=True)

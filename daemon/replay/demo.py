@@ -40,6 +40,8 @@ def daemon_settings(base: Settings, config: ReplayConfig, queries: Sequence[Repl
             "probe_samples": config.probe.samples,
             "probe_tokens": max(config.probe.tokens, 1),
             "max_tokens_per_query": 1 << 16,
+            "budget_mode": config.budget_mode,
+            "thinking_answer_tokens": config.thinking_answer_tokens,
             "http_port": free_loopback_port(),
             "http_host": "127.0.0.1",
             # A replay measures the allocator at the budget it is given: no backlog pacing.

@@ -101,6 +101,7 @@ def _pipeline(
         policy,
         metrics,
         max_tokens_per_query=REPLAY_MAX_TOKENS,
+        thinking_answer_tokens=config.thinking_answer_allowance,
         logger=structlog.get_logger("clearbudget.replay").bind(policy=config.policy),
     )
 

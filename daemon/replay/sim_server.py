@@ -104,6 +104,7 @@ def _generate(backend: SimulatedBackend, request: CompletionRequest) -> Completi
         max_tokens=request.max_tokens,
         seed=request.seed,
         model=request.model,
+        thinking_token_budget=request.thinking_token_budget,
     )
 
 

@@ -9,6 +9,16 @@ answer). Generated text carries a marker `<<sim chain=KEY#i at=N>>` (N = chain t
 far), so a later request whose prompt is the original prompt plus that text continues the same
 chain and is charged only for the new tokens, as with vLLM prefix caching.
 
+With vLLM's `thinking_token_budget` t (CLEAR_BUDGET_MODE=thinking), a chain that would think past
+t (counting the tokens it generated before this request, as vLLM counts an open think block in
+the prompt) has its thinking ended there and answers in `FORCED_ANSWER_TOKENS` more tokens, if
+`max_tokens` leaves room for them (else it is cut as above). Its forced answer is the recorded
+chain's own answer, graded as recorded, with probability (tokens thought) / (the chain's recorded
+length), decided by a seeded draw per chain position; otherwise it answers nothing usable. A
+modelling assumption, not a measurement: the recorded pools hold no forced answers, so the rule
+only makes a chain's worth grow with the share of its thinking it was allowed. The marker then
+reads `<<sim chain=KEY#i at=N forced=hit|miss>>`.
+
 `SimulatedBackend` implements the `CompletionBackend` port in-process;
 `daemon.replay.sim_server` serves it as an OpenAI-compatible completions API over HTTP.
 
@@ -21,6 +31,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -28,6 +39,7 @@ from clearbudget.daemon.core.ports import Completion, FinishReason, Sample
 from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord
 
 __all__ = [
+    "FORCED_ANSWER_TOKENS",
     "MAX_N",
     "ChainRef",
     "SimulatedBackend",
@@ -39,8 +51,12 @@ __all__ = [
 ]
 
 MAX_N = 1024  # the most samples one request may ask for
+FORCED_ANSWER_TOKENS = 32  # what answering after an ended thinking costs a chain
 
-_MARKER = re.compile(r"<<sim chain=(?P<key>[^\s#<>]+)#(?P<chain>\d+) at=(?P<at>\d+)>>")
+_MARKER = re.compile(
+    r"<<sim chain=(?P<key>[^\s#<>]+)#(?P<chain>\d+) at=(?P<at>\d+)"
+    r"(?: forced=(?P<forced>hit|miss))?>>"
+)
 _MARKER_AT_END = re.compile(_MARKER.pattern + r"\s*\Z")
 _PROBLEM_LINE = re.compile(
     r"^[ \t]*(?:problem|problem_id|record)[ \t]*[:=][ \t]*(\S+)[ \t]*$",
@@ -59,15 +75,18 @@ class SimulationRequestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ChainRef:
-    """Position in a recorded chain: record key, chain index, tokens generated so far."""
+    """Position in a recorded chain: record key, chain index, tokens generated so far; `forced`
+    when its thinking was ended there: "hit" if it then gave its recorded answer, else "miss"."""
 
     key: str
     chain: int
     at: int
+    forced: Literal["hit", "miss"] | None = None
 
 
 def format_marker(ref: ChainRef) -> str:
-    return f"<<sim chain={ref.key}#{ref.chain} at={ref.at}>>"
+    forced = f" forced={ref.forced}" if ref.forced else ""
+    return f"<<sim chain={ref.key}#{ref.chain} at={ref.at}{forced}>>"
 
 
 def find_marker(text: str) -> ChainRef | None:
@@ -76,7 +95,7 @@ def find_marker(text: str) -> ChainRef | None:
     if not matches:
         return None
     last = matches[-1]
-    return ChainRef(last["key"], int(last["chain"]), int(last["at"]))
+    return ChainRef(last["key"], int(last["chain"]), int(last["at"]), last["forced"])
 
 
 def prompt_for(record: RolloutRecord, question: str = "") -> str:
@@ -89,12 +108,15 @@ def grade(text: str, record: RolloutRecord) -> bool:
     """Whether a generated text is a correct answer to `record`.
 
     Uses the recorded grade of the chain named by the text's last marker; a chain that has not
-    finished (cut at its cap) has no answer and is never correct.
+    finished (cut at its cap) has no answer and is never correct; one whose thinking was ended
+    is graded as recorded if it gave the recorded answer (module docstring).
     """
     ref = find_marker(text)
     if ref is None or ref.key != record.key or ref.chain >= len(record.samples):
         return False
     sample = record.samples[ref.chain]
+    if ref.forced is not None:
+        return ref.forced == "hit" and sample.correct
     return ref.at >= sample.tokens and sample.correct
 
 
@@ -125,13 +147,22 @@ class SimulatedBackend:
         return True
 
     async def complete(
-        self, prompt: str | Sequence[int], *, n: int, max_tokens: int, seed: int | None = None
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         """The `CompletionBackend` port. Text prompts only: the simulator returns no token ids,
         so callers continue chains by text (prompt + sample text)."""
         if not isinstance(prompt, str):
             raise SimulationRequestError("prompt", "token-id prompts are not supported; send text")
-        return self.generate(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        return self.generate(
+            prompt, n=n, max_tokens=max_tokens, seed=seed,
+            thinking_token_budget=thinking_token_budget,
+        )  # fmt: skip
 
     def generate(
         self,
@@ -141,6 +172,7 @@ class SimulatedBackend:
         max_tokens: int,
         seed: int | None = None,
         model: str | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         """Synchronous core of `complete`; `model` may pick among a problem's records."""
         if not isinstance(prompt, str):
@@ -149,6 +181,10 @@ class SimulatedBackend:
         _check_positive("max_tokens", max_tokens)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise SimulationRequestError("seed", "must be an integer or null")
+        thinking = thinking_token_budget
+        if thinking is not None and (isinstance(thinking, bool) or not isinstance(thinking, int)
+                                     or thinking < 0):  # fmt: skip
+            raise SimulationRequestError("thinking_token_budget", "must be an integer >= 0")
         continued = self._continuation(prompt)
         if continued is not None:
             record = self.pool.get(continued.key)
@@ -159,7 +195,9 @@ class SimulatedBackend:
             record = self.pool[self.record_index(prompt, model=model)]
             chains = self._draw_chains(prompt, seed, n, len(record.samples))
             start = 0
-        samples = tuple(_run_chain(record, c, start, max_tokens) for c in chains)
+        samples = tuple(
+            self._run_chain(record, c, start, max_tokens, thinking) for c in chains
+        )
         used = sum(s.completion_tokens or 0 for s in samples)
         return Completion(
             samples=samples, prompt_tokens=record.prompt_tokens + start, completion_tokens=used
@@ -187,6 +225,8 @@ class SimulatedBackend:
         match = _MARKER_AT_END.search(prompt)
         if match is None:
             return None
+        if match["forced"]:
+            raise SimulationRequestError("prompt", "continuation of a chain that has answered")
         ref = ChainRef(match["key"], int(match["chain"]), int(match["at"]))
         record = self.pool.get(ref.key)
         if record is None:
@@ -207,6 +247,26 @@ class SimulatedBackend:
         blocks = -(-n // width)  # distinct chains first, then fresh permutations
         order = np.concatenate([rng.permutation(width) for _ in range(blocks)])
         return [int(c) for c in order[:n]]
+
+    def _run_chain(
+        self, record: RolloutRecord, chain: int, start: int, max_tokens: int, thinking: int | None
+    ) -> Sample:
+        """`_run_chain`, or the chain's thinking ended at `thinking` (module docstring)."""
+        recorded = record.samples[chain]
+        think_left = None if thinking is None else max(thinking - start, 0)
+        answer_room = max_tokens - (think_left or 0)
+        if (think_left is None or recorded.tokens - start <= think_left
+                or answer_room < FORCED_ANSWER_TOKENS):  # fmt: skip
+            return _run_chain(record, chain, start, max_tokens)
+        at = start + think_left
+        draw = int.from_bytes(_digest("forced", self.seed, record.key, chain, at)[:8], "big")
+        hit = draw / 2**64 < at / recorded.tokens
+        text = format_marker(ChainRef(record.key, chain, at, "hit" if hit else "miss"))
+        if hit and recorded.answer is not None:
+            text += f"\nFinal answer: \\boxed{{{recorded.answer}}}"
+        return Sample(
+            text=text, finish_reason="stop", completion_tokens=think_left + FORCED_ANSWER_TOKENS
+        )
 
     def grade(self, text: str) -> bool:
         """`grade` against whichever record the text's marker names."""

@@ -648,12 +648,15 @@ class VllmPool:
         n: int,
         max_tokens: int,
         seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         """Generate `n` chains of at most `max_tokens` tokens continuing `prompt` (text or ids),
         waiting out an outage (up to `outage_wait_s`) rather than failing in it."""
         if self._closed:
             raise BackendError("the vLLM pool is closed")
-        request, payload = self._encode(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        request, payload = self._encode(
+            prompt, n=n, max_tokens=max_tokens, seed=seed, thinking=thinking_token_budget
+        )
         if self._sources:
             await self.start()  # at once after the first lookup; restarts a discovery that died
         deadline: float | None = None  # of this request's outage waits, all together
@@ -950,7 +953,13 @@ class VllmPool:
     # --- request building -------------------------------------------------------------------
 
     def _encode(
-        self, prompt: str | Sequence[int], *, n: int, max_tokens: int, seed: int | None
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None,
+        thinking: int | None,
     ) -> tuple[CompletionRequest, bytes]:
         """The request and its body, once before any attempt: a bad one is the caller's error."""
         try:
@@ -962,6 +971,7 @@ class VllmPool:
                 temperature=self._temperature,
                 seed=seed,
                 return_token_ids=True,
+                thinking_token_budget=thinking,
                 extra=self._extra_body,
             )
             return request, request.encode()

@@ -39,8 +39,11 @@ DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default for /v1/completions
 MAX_ERROR_CHARS = 500
 # The body keys `CompletionRequest` names; every other key travels in `extra`.
 _REQUEST_FIELDS = frozenset(
-    {"model", "prompt", "n", "max_tokens", "temperature", "seed", "return_token_ids"}
-)
+    {
+        "model", "prompt", "n", "max_tokens", "temperature", "seed", "return_token_ids",
+        "thinking_token_budget",
+    }
+)  # fmt: skip
 _INT = frozenset({int})  # exact type: JSON `true` decodes to bool, which is no token id
 
 
@@ -62,8 +65,12 @@ class CompletionRequest:
 
     `prompt` is non-empty text or a non-empty sequence of token ids (>= 0), kept as a list, as
     the wire carries it. `extra` holds every other body key (vLLM sampling options and the
-    like); the named fields win over it. The body leaves out `temperature` and `seed` when None
-    and `return_token_ids` when False.
+    like); the named fields win over it. The body leaves out `temperature`, `seed` and
+    `thinking_token_budget` when None and `return_token_ids` when False.
+
+    `thinking_token_budget` is vLLM's (served with `--reasoning-parser`): once the chain has
+    thought that many tokens (counting those of an open think block in the prompt), vLLM ends
+    the thinking and the model answers within what is left of `max_tokens`.
     """
 
     model: str
@@ -73,6 +80,7 @@ class CompletionRequest:
     temperature: float | None = None
     seed: int | None = None
     return_token_ids: bool = False
+    thinking_token_budget: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +102,8 @@ class CompletionRequest:
             body["seed"] = self.seed
         if self.return_token_ids:
             body["return_token_ids"] = True
+        if self.thinking_token_budget is not None:
+            body["thinking_token_budget"] = self.thinking_token_budget
         return body
 
     def encode(self) -> bytes:
@@ -115,6 +125,7 @@ def parse_request(payload: bytes, *, default_model: str) -> CompletionRequest:
         raise WireFormatError("stream", "streaming is not supported")
     n, max_tokens = body.get("n"), body.get("max_tokens")
     return_token_ids = body.get("return_token_ids")
+    thinking = body.get("thinking_token_budget")
     return CompletionRequest(
         model=body.get("model", default_model),
         prompt=_wire_prompt(body.get("prompt")),
@@ -123,6 +134,7 @@ def parse_request(payload: bytes, *, default_model: str) -> CompletionRequest:
         temperature=body.get("temperature"),
         seed=body.get("seed"),
         return_token_ids=False if return_token_ids is None else return_token_ids,
+        thinking_token_budget=None if thinking == -1 else thinking,  # vLLM: -1 means unset
         extra={k: v for k, v in body.items() if k not in _REQUEST_FIELDS},
     )
 
@@ -148,6 +160,11 @@ def _check_request(request: CompletionRequest) -> None:
         raise WireFormatError("seed", "must be an integer or null")
     if not isinstance(request.return_token_ids, bool):
         raise WireFormatError("return_token_ids", "must be a boolean")
+    thinking = request.thinking_token_budget
+    if thinking is not None and (type(thinking) is not int or thinking < 0):
+        raise WireFormatError(
+            "thinking_token_budget", f"must be an integer >= 0 or null, got {_show(thinking)}"
+        )
 
 
 def _check_prompt(prompt: str | Sequence[int]) -> None:

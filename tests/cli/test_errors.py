@@ -43,6 +43,8 @@ def test_fail_prints_one_line_on_stderr_and_exits() -> None:
          "error: /nonexistent: trace file not found"),
         (["replay", "--budget-per-query", "5", "--tokens-per-second", "4"],
          "error: give exactly one of --budget-per-query or --tokens-per-second"),
+        (["replay", "--budget-per-query", "5", "--budget-mode", "thought"],
+         "error: --budget-mode: must be one of max_tokens, thinking, got 'thought'"),
         (["replay", "--budget-per-query", "5", "--limit", "0"],
          "error: --limit must be >= 1, got 0"),
         (["replay", "--budget-per-query", "5", "--kafka", "--speedup", "0"],

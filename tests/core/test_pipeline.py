@@ -158,7 +158,13 @@ class FailingBackend:
         self.discarded = discarded
 
     async def complete(
-        self, prompt: object, *, n: int, max_tokens: int, seed: int | None = None
+        self,
+        prompt: object,
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         raise BackendError("all endpoints down", discarded_tokens=self.discarded)
 
@@ -283,9 +289,18 @@ class OneBadResponse:
         self._how = how
 
     async def complete(
-        self, prompt: object, *, n: int, max_tokens: int, seed: int | None = None
+        self,
+        prompt: object,
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
-        completion = await self._inner.complete(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        completion = await self._inner.complete(
+            prompt, n=n, max_tokens=max_tokens, seed=seed,
+            thinking_token_budget=thinking_token_budget,
+        )  # fmt: skip
         if self._marker not in str(prompt):
             return completion
         if self._how == "usage":

@@ -255,9 +255,18 @@ class Recording:
     calls: dict[str, list[int]] = field(default_factory=dict)
 
     async def complete(
-        self, prompt: str | Sequence[int], *, n: int, max_tokens: int, seed: int | None = None
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
-        completion = await self.inner.complete(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        completion = await self.inner.complete(
+            prompt, n=n, max_tokens=max_tokens, seed=seed,
+            thinking_token_budget=thinking_token_budget,
+        )  # fmt: skip
         match = QUERY_LINE.search(str(prompt))
         assert match is not None
         self.calls.setdefault(match.group(1), []).append(completion.completion_tokens)

@@ -144,6 +144,8 @@ def test_unknown_variable_in_env_file_is_reported(clean_environ: Path) -> None:
         ("CLEAR_KAFKA_SSL_CAFILE", "/nonexistent/ca.pem", r"does not point to a file"),
         ("CLEAR_MODEL", "", r"at least 1 character"),
         ("CLEAR_KAFKA_IDEMPOTENT_PRODUCER", "maybe", r"valid boolean"),
+        ("CLEAR_BUDGET_MODE", "thought", r"'max_tokens' or 'thinking'"),
+        ("CLEAR_THINKING_ANSWER_TOKENS", "0", r"greater than 0"),
     ],
 )
 def test_each_invalid_value_names_its_variable(variable: str, value: str, expected: str) -> None:
@@ -384,3 +386,13 @@ def test_vllm_discovery_is_off_by_default_and_dns_builds_a_discovering_pool() ->
 )
 def test_bad_vllm_discovery_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
     assert re.search(expected, problems_of(env)), problems_of(env)
+
+
+def test_thinking_mode_keeps_an_answer_allowance_and_is_off_by_default() -> None:
+    assert load_settings({}).thinking_answer_allowance is None
+    thinking = load_settings({"CLEAR_BUDGET_MODE": "thinking"})
+    assert thinking.thinking_answer_allowance == thinking.thinking_answer_tokens == 128
+    message = problems_of({"CLEAR_BUDGET_MODE": "thinking", "CLEAR_THINKING_ANSWER_TOKENS": "900",
+                           "CLEAR_MAX_TOKENS_PER_QUERY": "900"})  # fmt: skip
+    assert "CLEAR_THINKING_ANSWER_TOKENS (900) leaves no room to think" in message
+    assert "CLEAR_MAX_TOKENS_PER_QUERY (900)" in message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.support.tiny_llama import VOCAB_SIZE
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -51,10 +52,11 @@ def test_n_samples_censored_at_max_tokens(vllm_server: VllmServer) -> None:
 
 
 def test_natural_stop_counts_only_generated_tokens(vllm_server: VllmServer) -> None:
-    # Every token id of the tiny vocabulary (131) is a stop token: the chain ends at once.
+    # Every token id of the tiny vocabulary is a stop token: the chain ends at once.
     body = complete(
-        vllm_server, prompt="find the sum", n=1, max_tokens=50, stop_token_ids=list(range(131))
-    )
+        vllm_server, prompt="find the sum", n=1, max_tokens=50,
+        stop_token_ids=list(range(VOCAB_SIZE)),
+    )  # fmt: skip
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 1

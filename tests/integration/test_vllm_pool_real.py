@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from clearbudget.daemon.replay.embedded import free_loopback_port
 from clearbudget.daemon.vllm.pool import BackendRequestError, BreakerSettings, VllmPool
+from tests.support.tiny_llama import VOCAB_SIZE
 from tests.support.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -61,8 +62,8 @@ async def test_probe_then_censored_continuation_by_token_ids(make_pool: Any) -> 
 
 
 async def test_natural_stop_reports_stop_and_the_tokens_generated(make_pool: Any) -> None:
-    # Every token id of the tiny model (vocabulary 131) stops the chain after its first token.
-    pool: VllmPool = make_pool(extra_body={"stop_token_ids": list(range(131))})
+    # Every token id of the tiny model (its whole vocabulary) stops the chain after its first token.
+    pool: VllmPool = make_pool(extra_body={"stop_token_ids": list(range(VOCAB_SIZE))})
     completion = await pool.complete(PROMPT, n=1, max_tokens=50)
     (sample,) = completion.samples
     assert (sample.finish_reason, sample.completion_tokens) == ("stop", 1)

@@ -115,11 +115,15 @@ def test_the_report_says_whether_feedback_was_on() -> None:
     from clearbudget.daemon.replay.report import ReplayReport
 
     report = ReplayReport("clear", 1, 1, 0, 0, 1.0, 10, 5, 10.0, 10.0, 1, 0.0, 0.0, 0.0)
-    off = report_dict(report, None)
+    off = report_dict(report, ReplayConfig(policy="clear", budget_per_query=100))
     assert (off["feedback"], off["feedback_delay"]) == (False, None)
-    on = report_dict(report, "level", 30.0)
+    assert off["budget_mode"] == "max_tokens"
+    config = ReplayConfig(policy="clear", budget_per_query=100, hint_field="level",
+                          feedback=True, feedback_delay=30.0, budget_mode="thinking")  # fmt: skip
+    on = report_dict(report, config)
     assert (on["hint_field"], on["feedback"], on["feedback_delay"]) == ("level", True, 30.0)
-    assert list(on)[-3:] == ["hint_field", "feedback", "feedback_delay"]
+    assert list(on)[-4:] == ["hint_field", "feedback", "feedback_delay", "budget_mode"]
+    assert on["budget_mode"] == "thinking"
 
 
 def test_a_negative_delay_is_refused() -> None:

@@ -78,3 +78,22 @@ def test_config_names_the_bad_field() -> None:
         ReplayConfig(policy="clear")
     with pytest.raises(ValueError, match="budget_per_query"):
         ReplayConfig(policy="clear", budget_per_query=float("nan"))
+
+
+@pytest.mark.parametrize("policy", ["clear", "uniform"])
+async def test_thinking_mode_answers_chains_it_would_cut_within_the_same_budget(
+    inputs, policy: str
+) -> None:
+    pool, arrivals = inputs
+    queries = draw_queries(arrivals, pool, seed=0)
+    reports = {
+        mode: (await replay(queries, pool, ReplayConfig(
+            policy=policy, budget_per_query=500, budget_mode=mode  # type: ignore[arg-type]
+        ))).to_dict()
+        for mode in ("max_tokens", "thinking")
+    }  # fmt: skip
+    cut, thinking = reports["max_tokens"], reports["thinking"]
+    assert thinking["answered"] > cut["answered"]
+    assert thinking["mean_accuracy"] >= cut["mean_accuracy"]
+    if policy == "clear":  # every generated token is counted: the budget holds in both modes
+        assert thinking["tokens_total"] <= thinking["budget_tokens"] + 1e-6

@@ -28,6 +28,7 @@ from clearbudget.daemon.replay.sim_server import (
     start_simulator,
 )
 from clearbudget.daemon.replay.simulator import (
+    FORCED_ANSWER_TOKENS,
     SimulatedBackend,
     SimulationRequestError,
     find_marker,
@@ -458,3 +459,77 @@ async def test_a_request_cancelled_while_waiting_for_slots_gives_them_back() -> 
     await until(lambda: len(sleeps.durations) == 2)  # both slots are free again
     sleeps.release(1)
     await both
+
+
+# ------------------------------------------------------------------ thinking budget
+
+
+def long_chain_pool(records: int = 1, tokens: int = 1000) -> RolloutPool:
+    return RolloutPool(
+        [RolloutRecord("m", "toy", f"p{i}", 10, "7", (RolloutSample(tokens, True, "7"),))
+         for i in range(records)]
+    )  # fmt: skip
+
+
+async def test_a_thinking_budget_ends_the_chain_and_it_answers() -> None:
+    backend = SimulatedBackend(long_chain_pool(), seed=3)
+    prompt = "problem: m/p0"
+    done = await backend.complete(prompt, n=1, max_tokens=500, thinking_token_budget=400)
+    (sample,) = done.samples
+    assert (sample.finish_reason, sample.completion_tokens) == ("stop", 400 + FORCED_ANSWER_TOKENS)
+    ref = find_marker(sample.text)
+    assert ref is not None
+    assert (ref.at, ref.forced in {"hit", "miss"}) == (400, True)
+    # A continuation: the budget counts the chain's earlier tokens, as vLLM counts an open
+    # think block in the prompt.
+    cut = (await backend.complete(prompt, n=1, max_tokens=200)).samples[0]
+    more = await backend.complete(prompt + cut.text, n=1, max_tokens=500,
+                                  thinking_token_budget=450)  # fmt: skip
+    assert more.samples[0].completion_tokens == 250 + FORCED_ANSWER_TOKENS
+    with pytest.raises(SimulationRequestError, match="has answered"):
+        await backend.complete(prompt + sample.text.split("\n")[0], n=1, max_tokens=10)
+
+
+async def test_a_thinking_budget_changes_nothing_for_a_chain_that_ends_within_it() -> None:
+    backend = SimulatedBackend(long_chain_pool(), seed=3)
+    plain = await backend.complete("problem: m/p0", n=1, max_tokens=2000)
+    budgeted = await backend.complete(
+        "problem: m/p0", n=1, max_tokens=2000, thinking_token_budget=1000
+    )
+    assert budgeted == plain
+
+
+async def test_no_room_to_answer_is_a_plain_cut() -> None:
+    backend = SimulatedBackend(long_chain_pool(), seed=3)
+    done = await backend.complete(
+        "problem: m/p0", n=1, max_tokens=500, thinking_token_budget=500 - FORCED_ANSWER_TOKENS + 1
+    )
+    (sample,) = done.samples
+    assert (sample.finish_reason, sample.completion_tokens) == ("length", 500)
+
+
+async def test_a_forced_answer_is_the_recorded_one_as_often_as_the_share_thought() -> None:
+    pool = long_chain_pool(records=600)
+    backend = SimulatedBackend(pool, seed=5)
+    hits = 0
+    for rec in pool.records:
+        done = await backend.complete(
+            f"problem: {rec.key}", n=1, max_tokens=400, thinking_token_budget=250
+        )
+        text = done.samples[0].text
+        hit = "boxed{7}" in text
+        assert grade(text, rec) == hit  # a hit is graded as recorded (every chain is correct)
+        hits += hit
+    assert 0.19 < hits / len(pool.records) < 0.31  # 250 of 1,000 tokens thought: 25%
+
+
+async def test_http_passes_the_thinking_budget(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "problem: toy-model/p1", "n": 4, "max_tokens": 300, "seed": 1,
+            "thinking_token_budget": 200}  # fmt: skip
+    data = (await client.post("/v1/completions", json=body)).json()
+    # Chains of 100 finish; those of 300, 500 and 900 are ended at 200 and answer.
+    assert sorted(c["finish_reason"] for c in data["choices"]) == ["stop"] * 4
+    assert data["usage"]["completion_tokens"] == 100 + 3 * (200 + FORCED_ANSWER_TOKENS)
+    bad = await client.post("/v1/completions", json={**body, "thinking_token_budget": "x"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "thinking_token_budget"

@@ -16,10 +16,19 @@ class SlowBackend:
         self.delay_s = delay_s
 
     async def complete(
-        self, prompt: str | Sequence[int], *, n: int, max_tokens: int, seed: int | None = None
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n: int,
+        max_tokens: int,
+        seed: int | None = None,
+        thinking_token_budget: int | None = None,
     ) -> Completion:
         await asyncio.sleep(self.delay_s)
-        return await self._inner.complete(prompt, n=n, max_tokens=max_tokens, seed=seed)
+        return await self._inner.complete(
+            prompt, n=n, max_tokens=max_tokens, seed=seed,
+            thinking_token_budget=thinking_token_budget,
+        )  # fmt: skip
 
     def ready(self) -> bool:
         return self._inner.ready()

@@ -81,10 +81,17 @@ VOCAB_WORDS = [
     "no",
 ]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# Whole tokens for the reasoning parser (vLLM's deepseek_r1): a think block and its end, which
+# vLLM forces when a request's thinking_token_budget runs out.
+THINK_START, THINK_END = "<think>", "</think>"
+# The whole vocabulary: word-level entries, then the two think tokens.
+VOCAB_SIZE = 133
+THINK_START_ID, THINK_END_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
 
 
 def build_tokenizer(out_dir: Path) -> int:
-    """Write a word-level fast tokenizer covering digits, letters and a small vocabulary."""
+    """Write a word-level fast tokenizer covering digits, letters, a small vocabulary and the
+    think tokens; return the vocabulary size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,8 +109,11 @@ def build_tokenizer(out_dir: Path) -> int:
         eos_token="</s>",
         pad_token="<pad>",
     )
+    fast.add_tokens([THINK_START, THINK_END])  # kept in the text: the parser looks for them
     fast.save_pretrained(out_dir)
-    return len(vocab)
+    assert len(fast) == VOCAB_SIZE, len(fast)
+    assert fast.convert_tokens_to_ids([THINK_START, THINK_END]) == [THINK_START_ID, THINK_END_ID]
+    return len(fast)
 
 
 def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:

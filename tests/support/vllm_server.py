@@ -92,6 +92,10 @@ def start_vllm_server(work_dir: Path, *, timeout: float = 420.0) -> VllmServer:
         "--enable-prefix-caching",
         "--seed",
         "0",
+        # thinking_token_budget (CLEAR_BUDGET_MODE=thinking) needs one; it changes nothing
+        # for requests that set no budget.
+        "--reasoning-parser",
+        "deepseek_r1",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -285,3 +285,21 @@ def test_error_message_extraction(payload: bytes, message: str) -> None:
 def test_error_message_is_capped() -> None:
     assert error_message(ApiError("x" * 10_000).encode()) == "x" * MAX_ERROR_CHARS
     assert error_message(b"y" * 10_000, limit=7) == "y" * 7
+
+
+def test_a_thinking_budget_is_sent_only_when_set() -> None:
+    plain = CompletionRequest(model="m", prompt="hi", max_tokens=50)
+    assert "thinking_token_budget" not in orjson.loads(plain.encode())
+    budgeted = CompletionRequest(model="m", prompt="hi", max_tokens=50, thinking_token_budget=40)
+    assert orjson.loads(budgeted.encode())["thinking_token_budget"] == 40
+    parsed = parse_request(budgeted.encode(), default_model="m")
+    assert (parsed.thinking_token_budget, dict(parsed.extra)) == (40, {})
+    unset = parse_request(as_json({"prompt": "hi", "thinking_token_budget": -1}), default_model="m")
+    assert unset.thinking_token_budget is None  # vLLM's "unlimited"
+
+
+@pytest.mark.parametrize("value", [-2, 1.5, "10", True])
+def test_a_bad_thinking_budget_names_the_field(value: object) -> None:
+    with pytest.raises(WireFormatError) as caught:
+        parse_request(as_json({"prompt": "hi", "thinking_token_budget": value}), default_model="m")
+    assert caught.value.field == "thinking_token_budget"
