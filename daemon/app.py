@@ -177,6 +177,7 @@ async def run_daemon(
             ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
             tag_budgets=tag_budgets, tag_metrics=metrics.tags,
             remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
+            max_tokens_per_query=settings.max_tokens_per_query,
         )  # fmt: skip
         limits = {
             "max_tokens_per_query": settings.max_tokens_per_query,

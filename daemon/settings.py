@@ -57,7 +57,10 @@ class SettingsError(ValueError):
 
     def __init__(self, problems: Iterable[str]) -> None:
         self.problems = tuple(problems)
-        super().__init__("invalid settings:\n  " + "\n  ".join(self.problems))
+        if len(self.problems) == 1:  # one line, as every other CLI error
+            super().__init__(f"invalid settings: {self.problems[0]}")
+        else:
+            super().__init__("invalid settings:\n  " + "\n  ".join(self.problems))
 
 
 def env_var(field_name: str) -> str:

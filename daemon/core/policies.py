@@ -125,6 +125,7 @@ class ClearPolicy:
         tag_metrics: TagMetrics | None = None,
         allocator: CvxpyAllocator | None = None,
         remember_queries: int = 0,
+        max_tokens_per_query: int = SELECTION_HORIZON,
     ) -> None:
         """`priors` is accepted for callers written against the per-tag book: its tag levels
         become the model's (plus the hint level); the model learns everything else itself.
@@ -136,8 +137,12 @@ class ClearPolicy:
         `tag_budgets`: shares of each window's budget reserved per tag value (see
         `daemon.core.tags`); `tag_metrics` then gets each window's per-tag prices. Tagged
         windows are solved with cvxpy on `allocator`, one per policy (so per process): each
-        size bucket compiles once and is then re-solved with new parameters."""
+        size bucket compiles once and is then re-solved with new parameters.
+
+        `max_tokens_per_query`: the daemon's cap on one query's tokens; probe selection values
+        a query at most that far (and never past `SELECTION_HORIZON`)."""
         self._plan = plan
+        self._horizon = min(max_tokens_per_query, SELECTION_HORIZON)
         levels = (*priors.levels, HINT_LEVEL) if priors is not None else DEFAULT_LEVELS
         self.model = model or DifficultyModel(levels=levels)
         self.tag_budgets = tag_budgets
@@ -161,7 +166,7 @@ class ClearPolicy:
         rows = self.tag_budgets.rows(groups, budget) if self.tag_budgets and groups else None
         # Queries the window would abandon on their own prior curves (within their tag's row,
         # and their own max_tokens) are not worth a probe.
-        caps = [min(r.max_tokens or SELECTION_HORIZON, SELECTION_HORIZON) for r in requests]
+        caps = [min(r.max_tokens or self._horizon, self._horizon) for r in requests]
         selected = select_queries(
             [query_info(r) for r in requests], budget, self.model, max_tokens=caps,
             probe_cost=self._plan.max_cost, tags=groups if rows else None,

@@ -129,7 +129,7 @@ def test_config_fails_naming_the_bad_variable_as_run_does(
 ) -> None:
     code, stdout, stderr = invoke("config", *(["--json"] if json_out else []), env=env)
     assert (code, stdout) == (2, "")
-    assert stderr.startswith(f"error: invalid settings:\n  {named}")
-    assert stderr.count("\n") == 2  # the heading and one line for the one bad variable
+    assert stderr.startswith(f"error: invalid settings: {named}")
+    assert stderr.count("\n") == 1  # one bad variable, one line
     assert "hunter2" not in stderr
     assert (code, stderr) == invoke("run", env=env)[::2]

@@ -82,7 +82,14 @@ def test_run_names_the_bad_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("CLEAR_TOKENS_PER_SECOND", "-1")
     code, _, stderr = invoke("run")
     assert code == 2
-    assert stderr.startswith("error: invalid settings:\n  CLEAR_TOKENS_PER_SECOND")
+    assert stderr.startswith("error: invalid settings: CLEAR_TOKENS_PER_SECOND")
+    assert stderr.count("\n") == 1
+    monkeypatch.setenv("CLEAR_HTTP_PORT", "0")  # several: one line each under the heading
+    code, _, stderr = invoke("run")
+    assert (code, stderr.splitlines()[0]) == (2, "error: invalid settings:")
+    assert [line.split(":")[0] for line in stderr.splitlines()[1:]] == [
+        "  CLEAR_TOKENS_PER_SECOND", "  CLEAR_HTTP_PORT"
+    ]
 
 
 def test_demo_without_a_broker_fails_with_code_1(

@@ -155,3 +155,22 @@ def test_decisions_spend_no_more_than_the_budget() -> None:
     for budget in (0.0, 500.0, 3000.0, 1e5):
         tokens = policy.decide(views, budget).tokens
         assert int(np.sum(tokens)) <= budget
+
+
+def test_probe_selection_values_a_query_no_further_than_the_daemons_cap() -> None:
+    def taught(**options: int) -> ClearPolicy:
+        policy = ClearPolicy(PLAN, **options)
+        for i in range(200):  # chains of "long" finish at about 6,000 tokens, "short" at 3,000
+            for task, tokens in (("long", 6000), ("short", 3000)):
+                seen = QueryRequest(id=f"{task}{i}", prompt=f"{task} {i}", tags={"task": task})
+                policy.observe(seen, tokens + i, finished=True, answered=True, answer="7")
+        return policy
+
+    window = [QueryRequest(id=f"{task}-{i}", prompt=f"{task} new {i}", tags={"task": task})
+              for task in ("long", "short") for i in range(10)]  # fmt: skip
+    default = taught().probe_plan(window, 100_000).selected
+    capped = taught(max_tokens_per_query=4000).probe_plan(window, 100_000).selected
+    assert default[:10].sum() >= 5  # long chains are worth a probe when they may run 6,000
+    assert capped[:10].sum() == 0  # not when the daemon cuts every query at 4,000
+    assert default[10:].all()
+    assert capped[10:].all()
