@@ -137,6 +137,7 @@ def build_backend(settings: Settings, registry: CollectorRegistry) -> VllmPool:
         outage_wait_s=settings.vllm_outage_wait_seconds,
         discovery=settings.vllm_discovery,
         discovery_interval_s=settings.vllm_discovery_interval_seconds,
+        mask_secrets=Scrubber(settings.secret_values()).text,
     )
 
 

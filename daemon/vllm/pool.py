@@ -72,6 +72,7 @@ from clearbudget.daemon.vllm.breaker import (
     Verdict,
 )
 from clearbudget.daemon.vllm.protocol import (
+    MAX_ERROR_CHARS,
     CompletionRequest,
     WireFormatError,
     decode_completion,
@@ -505,7 +506,11 @@ class VllmPool:
         discovery: Discovery = "none",
         discovery_interval_s: float = 10.0,
         resolver: Resolver | None = None,
+        mask_secrets: Callable[[str], str] | None = None,
     ) -> None:
+        """`mask_secrets` masks the configured secrets' exact values in a text (the daemon's
+        `Scrubber.text`); error bodies pass through it before they are shortened, so a cut can
+        never leave part of a secret that the later masking would no longer recognise."""
         _check_pool_arguments(
             endpoints,
             model,
@@ -520,6 +525,7 @@ class VllmPool:
         )
         _check_discovery(endpoints, discovery, discovery_interval_s)
         self._log = logger or structlog.get_logger("clearbudget.vllm")
+        self._mask_secrets = mask_secrets or (lambda text: text)
         breaker_settings = breaker or BreakerSettings()
 
         def new_breaker(label: str) -> CircuitBreaker:
@@ -1096,8 +1102,9 @@ class VllmPool:
     def _short_error(self, ep: _Endpoint, payload: bytes) -> str:
         """What of an error body may travel with the error (into results others read): a short
         message with credentials and prompts cut out. The longer form goes to the DEBUG log."""
-        self._log.debug("vllm_error_body", endpoint=ep.label, body=redact(error_message(payload)))
-        return redact(error_message(payload, limit=SHORT_ERROR_CHARS))
+        whole = redact(self._mask_secrets(error_message(payload, limit=len(payload) + 1)))
+        self._log.debug("vllm_error_body", endpoint=ep.label, body=whole[:MAX_ERROR_CHARS])
+        return whole[:SHORT_ERROR_CHARS]
 
     def _count(self, ep: _Endpoint, outcome: str) -> None:
         self._metrics.requests.labels(ep.label, outcome).inc()

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from clearbudget.daemon.core.ports import BackendError, Completion, Sample
+from clearbudget.daemon.settings import Scrubber
 from clearbudget.daemon.vllm.breaker import BreakerSettings
 from clearbudget.daemon.vllm.pool import (
     BackendRequestError,
@@ -354,3 +355,26 @@ async def test_an_echoing_backend_leaks_neither_credentials_nor_the_prompt(code:
     assert "sk-live" not in message
     assert "medical history" not in message
     assert len(message) < 600
+
+
+async def test_a_secret_echoed_where_the_message_is_cut_leaves_no_part_of_it() -> None:
+    secret = "hunter2-secret-key-0123456789"  # no pattern would know it: only its value does
+
+    async def echo(post: Post) -> tuple[int, bytes]:
+        # The secret straddles the 120 characters the short message keeps.
+        return 400, orjson.dumps({"error": {"message": "x" * 105 + f" got {secret} here"}})
+
+    async def failure(mask: Callable[[str], str] | None) -> str:
+        transport = FakeTransport()
+        transport.respond = echo
+        pool = make_pool(transport, CollectorRegistry(), endpoints=(A,), outage_wait_s=0,
+                         mask_secrets=mask)  # fmt: skip
+        with pytest.raises(BackendError) as caught:
+            await pool.complete("q", n=1, max_tokens=8)
+        return str(caught.value)
+
+    masked = await failure(Scrubber([secret]).text)
+    unmasked = await failure(None)
+    assert "hunter2" in unmasked  # the cut leaves a prefix a later exact match cannot find
+    assert "hunter2" not in masked
+    assert "***" in masked
