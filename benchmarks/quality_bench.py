@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from ceilings import by_problem, by_tag, by_tag_and_hint, group_cap_ceiling
 
 from clearbudget.daemon.replay.config import (
     RecordExtras,
@@ -119,16 +120,23 @@ def evaluate(
                       feedback_delay=feedback_delay)
             for s in seeds
         ]  # fmt: skip
-        rows.append(_row(pool, bpq, runs))
+        rows.append(_row(pool, bpq, runs, extras))
     return rows
 
 
-def _row(pool: RolloutPool, bpq: float, runs: Sequence[ReplayReport]) -> dict[str, float]:
+def _row(
+    pool: RolloutPool, bpq: float, runs: Sequence[ReplayReport], extras: RecordExtras | None
+) -> dict[str, float]:
     tpq = float(np.mean([r.tokens_per_query for r in runs]))
     acc = float(np.mean([r.mean_accuracy for r in runs]))
     uni = uniform_at_cost(pool, tpq).accuracy
     ora = oracle_allocation(pool, tpq).accuracy
+    hints = extras.hints if extras is not None else None
     return {
+        # In-sample ceilings at clear's tokens (benchmarks/ceilings.py): one cap per group.
+        "per_tag": group_cap_ceiling(pool, tpq, by_tag),
+        "per_tag_hint": group_cap_ceiling(pool, tpq, by_tag_and_hint(hints)) if hints else None,
+        "per_problem": group_cap_ceiling(pool, tpq, by_problem),
         "budget": bpq,
         "tokens_per_query": tpq,
         "probe_tokens_per_query": float(np.mean([r.tokens_probe / r.queries for r in runs])),
@@ -146,17 +154,25 @@ def _row(pool: RolloutPool, bpq: float, runs: Sequence[ReplayReport]) -> dict[st
 
 
 def format_table(rows: Sequence[dict[str, float]]) -> str:
+    """The table; the ceilings (one cap per tag, per tag+hint, per problem; in-sample) are shown
+    as accuracy and as a ratio to uniform, beside clear's."""
     head = (
-        "| budget/q | tokens/q | probe/q | uniform | clear (sd) | oracle | clear/uniform | "
-        "gap closed | abandoned | failed |"
+        "| budget/q | tokens/q | probe/q | uniform | clear (sd) | clear/uniform | per-tag ceiling "
+        "| per tag+hint | per-problem ceiling | oracle | gap closed | abandoned | failed |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        def vs_uniform(accuracy: float | None, r: dict[str, float] = r) -> str:
+            if accuracy is None:
+                return "-"
+            return f"{accuracy:.3f} ({accuracy / r['uniform']:.2f}x)" if r["uniform"] else "-"
+
         lines.append(
             f"| {r['budget']:.0f} | {r['tokens_per_query']:.0f} | {r['probe_tokens_per_query']:.0f}"
-            f" | {r['uniform']:.3f} | {r['clear']:.3f} ({r['clear_sd']:.3f}) | {r['oracle']:.3f}"
-            f" | {r['ratio']:.2f}x | {r['gap_closed']:+.0%} | {r['abandoned']:.1%}"
-            f" | {r['failed']:.1%} |"
+            f" | {r['uniform']:.3f} | {r['clear']:.3f} ({r['clear_sd']:.3f}) | {r['ratio']:.2f}x"
+            f" | {vs_uniform(r['per_tag'])} | {vs_uniform(r['per_tag_hint'])}"
+            f" | {vs_uniform(r['per_problem'])} | {vs_uniform(r['oracle'])}"
+            f" | {r['gap_closed']:+.0%} | {r['abandoned']:.1%} | {r['failed']:.1%} |"
         )
     return "\n".join(lines)
 
