@@ -340,6 +340,9 @@ class Daemon:
             self._ledger.settle(budget, outcome.report.spent_tokens)
             self._metrics.budget_carry.set(self._ledger.carry)
             self.state.windows_done += 1
+            if holds_slot:  # the report is best-effort: the next window need not wait for it
+                self._slots.release()
+                holds_slot = False
             await self._sink.publish_window(outcome.report)
             self._metrics.window_seconds.observe(self._clock() - started)
         except asyncio.CancelledError:

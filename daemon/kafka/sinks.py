@@ -128,6 +128,10 @@ class BrokerHealth:
         self.ok, self.last_error = True, None
 
 
+# How long a window report may wait for its ack before it is dropped.
+REPORT_TIMEOUT_S = 5.0
+
+
 class RetryingSink:
     """Wraps a sink so a broker outage delays publishing instead of losing or failing work;
     see the module docstring for how failures are told apart."""
@@ -138,12 +142,14 @@ class RetryingSink:
         health: BrokerHealth,
         *,
         max_backoff_s: float = 5.0,
+        report_timeout_s: float = REPORT_TIMEOUT_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self._inner = inner
         self._health = health
         self._max_backoff_s = max_backoff_s
+        self._report_timeout_s = report_timeout_s
         self._sleep = sleep
         self._log = logger or structlog.get_logger("clearbudget.kafka")
 
@@ -156,10 +162,14 @@ class RetryingSink:
         )
 
     async def publish_window(self, report: WindowReport) -> None:
+        """Best-effort: one try, at most `report_timeout_s` (a broker that neither acks nor
+        refuses would otherwise hold the send for the producer's whole request timeout)."""
         try:
-            await self._inner.publish_window(report)
-        except KafkaError as exc:  # best-effort: results and commits never wait on reports
-            self._log.warning("window_report_dropped", window_id=report.window_id, error=str(exc))
+            async with asyncio.timeout(self._report_timeout_s):
+                await self._inner.publish_window(report)
+        except (KafkaError, TimeoutError) as exc:  # results and commits never wait on reports
+            error = str(exc) or f"no ack within {self._report_timeout_s:g} s"
+            self._log.warning("window_report_dropped", window_id=report.window_id, error=error)
 
     async def _retry(
         self,

@@ -311,3 +311,28 @@ async def test_a_refusing_results_topic_stops_the_daemon_and_commits_nothing_mor
     assert daemon.state.fatal_error is not None
     assert "TopicAuthorizationFailedError" in daemon.state.fatal_error
     assert consumer.committed == {}
+
+
+async def test_a_report_waiting_for_its_ack_does_not_hold_the_next_window_back() -> None:
+    """Window reports are best-effort: with one window in flight, a report that hangs must not
+    keep the slot, or every later window would wait on it."""
+    release = asyncio.Event()
+
+    class HangingReports(MemorySink):
+        async def publish_window(self, report: WindowReport) -> None:
+            await release.wait()
+            await super().publish_window(report)
+
+    consumer, sink = MemoryConsumer(partitions=1), HangingReports()
+    for i in range(12):
+        consumer.append(0, query(i))
+    daemon = make_daemon(consumer, sink, window_max_queries=2, max_windows_in_flight=1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(lambda: len(sink.results) == 12, within_s=10.0)  # six windows, one slot
+        await until(lambda: consumer.committed == {TopicPartition(TOPIC, 0): 12})
+    finally:
+        release.set()
+        stop.set()
+        await task
