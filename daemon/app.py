@@ -174,12 +174,15 @@ async def run_daemon(
             feedback_consumer = await start_feedback_consumer(settings, log)
             stack.push_async_callback(feedback_consumer.stop)
         # One policy, so one long-lived cvxpy allocator, for the life of the process.
-        policy = policy or ClearPolicy(
-            ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
-            tag_budgets=tag_budgets, tag_metrics=metrics.tags,
-            remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
-            max_tokens_per_query=settings.max_tokens_per_query,
-        )  # fmt: skip
+        if policy is None:
+            policy = ClearPolicy(
+                ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
+                tag_budgets=tag_budgets, tag_metrics=metrics.tags,
+                remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
+                max_tokens_per_query=settings.max_tokens_per_query,
+            )  # fmt: skip
+            if tag_budgets is not None:  # tagged windows go to cvxpy: load it off the loop
+                await asyncio.to_thread(policy.prepare)
         limits = {
             "max_tokens_per_query": settings.max_tokens_per_query,
             "thinking_answer_tokens": settings.thinking_answer_allowance,

@@ -19,8 +19,8 @@ from typing import Literal
 import cvxpy as cp
 import numpy as np
 
-from clearbudget.solver.curves import TAIL_HORIZON, Curves
-from clearbudget.solver.problem import FloatArray
+from clearbudget.solver.curves import TAIL_HORIZON, Curves, build_curves
+from clearbudget.solver.problem import FloatArray, WindowProblem
 from clearbudget.solver.rounding import KNEE_RTOL, Relaxed, fill_chords
 
 Formulation = Literal["exp", "tangent"]
@@ -173,6 +173,19 @@ class CvxpyAllocator:
     def name(self) -> str:
         suffix = "-tangent" if self.formulation == "tangent" else ""
         return f"cvxpy-{self.solver.lower()}{suffix}"
+
+    def warm_up(self, n_tags: int) -> None:
+        """Solve a made-up window of the smallest size with `n_tags` tag rows: the solver's
+        first-use costs are paid now, and that bucket is compiled."""
+        size, names = size_bucket(1), [f"t{i}" for i in range(max(n_tags, 1))]
+        problem = WindowProblem.create(
+            ids=[str(i) for i in range(size)], a=np.full(size, 0.8),
+            tau=np.linspace(100.0, 2000.0, size), beta=np.full(size, 5e-3),
+            budget=300.0 * size, tags=[names[i % len(names)] for i in range(size)],
+            tag_budgets=dict.fromkeys(names, 100.0 * size),
+        )  # fmt: skip
+        tag_budgets = np.array([problem.tag_budgets[name] for name in problem.tag_names])
+        self.relax(build_curves(problem), problem.budget, tag_budgets)
 
     def compiled_buckets(self) -> list[tuple[int, int]]:
         return sorted(self._compiled)

@@ -152,9 +152,15 @@ class ClearPolicy:
             RecentQueries(remember_queries) if remember_queries > 0 else None
         )
 
+    def prepare(self) -> None:
+        """Load and run once what tagged windows need (cvxpy: about a second to import, and a
+        first solve), so the first one does not hold the event loop. Thread-safe to call
+        before any window runs."""
+        self.allocator.warm_up(len(self.tag_budgets.entries) if self.tag_budgets else 1)
+
     @property
     def allocator(self) -> CvxpyAllocator:
-        """The long-lived allocator (made on the first tagged window)."""
+        """The long-lived allocator (made on the first tagged window, or by `prepare`)."""
         if self._allocator is None:
             self._allocator = CvxpyAllocator()
         return self._allocator

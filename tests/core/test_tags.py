@@ -292,3 +292,12 @@ async def test_through_the_pipeline_with_probes_each_tenant_gets_its_share(
             assert planned[entry.key] >= entry.share * budget - 2048, (n, planned)
     for key, tokens in spend.items():
         assert registry.get_sample_value("clear_tag_tokens_total", {"tag": key}) == tokens
+
+
+def test_prepare_loads_the_tagged_solver_before_any_window() -> None:
+    from clearbudget.solver.fit import ProbePlan
+
+    budgets = TagBudgets.parse("tenant=a:0.3,tenant=b:0.2")
+    policy = ClearPolicy(ProbePlan(1, 256), tag_budgets=budgets)
+    policy.prepare()
+    assert policy.allocator.compiled_buckets() == [(16, 2)]

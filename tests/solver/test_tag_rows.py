@@ -62,3 +62,15 @@ def test_a_one_off_allocator_compiles_nothing_and_agrees() -> None:
     reused = solve_window(problem, allocator=CvxpyAllocator())
     assert result.objective == pytest.approx(reused.objective, rel=1e-6)
     assert result.shadow_price == pytest.approx(reused.shadow_price, rel=1e-4)
+
+
+def test_a_warmed_up_allocator_has_its_first_tagged_bucket_ready() -> None:
+    allocator = CvxpyAllocator()
+    allocator.warm_up(2)
+    assert allocator.compiled_buckets() == [(16, 2)]
+    n, tags = 12, ["a"] * 6 + ["b"] * 6
+    allocate_curves(
+        [f"q{i}" for i in range(n)], G, tail_curves(n), 10_000.0, cap=np.full(n, 4096.0),
+        tags=tags, tag_budgets={"a": 3000.0, "b": 7000.0}, allocator=allocator,
+    )  # fmt: skip
+    assert allocator.compiled_buckets() == [(16, 2)]  # the first window compiled nothing new
