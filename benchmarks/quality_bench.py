@@ -85,6 +85,7 @@ def run_clear(
     window: int,
     extras: RecordExtras | None = None,
     feedback_delay: float | None = None,
+    adaptive_probes: bool = True,
 ) -> ReplayReport:
     """`feedback_delay`: graded feedback after that many stream seconds (None: none)."""
     queries = laps(pool, passes, seed, extras)
@@ -99,6 +100,7 @@ def run_clear(
         hint_field=extras.hint_field if extras else None,
         feedback=feedback_delay is not None,
         feedback_delay=feedback_delay or 0.0,
+        adaptive_probes=adaptive_probes,
     )
     return asyncio.run(replay(queries, pool, config))
 
@@ -112,12 +114,13 @@ def evaluate(
     window: int,
     extras: RecordExtras | None = None,
     feedback_delay: float | None = None,
+    adaptive_probes: bool = True,
 ) -> list[dict[str, float]]:
     rows = []
     for bpq in budgets:
         runs = [
             run_clear(pool, bpq, plan, seed=s, passes=passes, window=window, extras=extras,
-                      feedback_delay=feedback_delay)
+                      feedback_delay=feedback_delay, adaptive_probes=adaptive_probes)
             for s in seeds
         ]  # fmt: skip
         rows.append(_row(pool, bpq, runs, extras))
@@ -197,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--feedback-delay", type=float, default=0.0,
                     help="--feedback: stream seconds from an answer to its grade (one second "
                          "per arrival; default 0: before the next window)")  # fmt: skip
+    ap.add_argument("--fixed-probes", action="store_true",
+                    help="every probe --probe-tokens long (default: a query predicted to finish "
+                         "sooner gets a probe that just covers it)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.feedback_delay < 0:
         ap.error("--feedback-delay must be >= 0")
@@ -211,10 +217,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = ProbePlan(args.probe_samples, args.probe_tokens)
     graded = "off" if delay is None else f"on (delay {delay:g} s)"
     print(f"pool {pool.source}: {len(pool)} records x {pool.tokens.shape[1]} chains, {passes} "
-          f"lap(s), hints: {args.hint_field or 'off'}, feedback: {graded}\n")  # fmt: skip
+          f"lap(s), hints: {args.hint_field or 'off'}, feedback: {graded}, probes: "
+          f"{'one length' if args.fixed_probes else 'a length per query'}\n")  # fmt: skip
     t0 = time.perf_counter()
     rows = evaluate(pool, args.budgets, plan, range(args.seeds), passes, args.window, extras,
-                    delay)  # fmt: skip
+                    delay, adaptive_probes=not args.fixed_probes)  # fmt: skip
     print(format_table(rows))
     solve_ms = np.mean([r["solve_ms"] for r in rows])
     seconds = np.mean([r["seconds"] for r in rows])

@@ -292,14 +292,18 @@ def select_probes(
 
 
 def affordable_probes(
-    allocations: NDArray[np.float64], budget: float, probe_cost: float
+    allocations: NDArray[np.float64], budget: float, probe_cost: float | NDArray[np.float64]
 ) -> NDArray[np.bool_]:
-    """The funded queries (allocation > 0), no more than `budget` pays a `probe_cost` probe
-    each; when it cannot pay them all, the best-funded keep theirs."""
+    """The funded queries (allocation > 0), no more than `budget` pays a probe each (`probe_cost`
+    tokens, one for all or one per query); when it cannot pay them all, the best-funded keep
+    theirs."""
     selected = allocations > 0.0
-    affordable = int(budget // probe_cost) if probe_cost > 0 else allocations.size
-    if selected.sum() > affordable:
-        keep = np.argsort(-allocations, kind="stable")[:affordable]
-        selected = np.zeros(allocations.size, dtype=bool)
-        selected[keep] = allocations[keep] > 0.0
-    return selected
+    cost = np.broadcast_to(np.asarray(probe_cost, np.float64), allocations.shape)
+    if float(cost[selected].sum()) <= budget:
+        return selected
+    order = np.argsort(-allocations, kind="stable")
+    spent = np.cumsum(np.where(selected[order], cost[order], 0.0))
+    keep = order[spent <= budget]
+    within = np.zeros(allocations.size, dtype=bool)
+    within[keep] = selected[keep]
+    return within

@@ -36,9 +36,21 @@ from clearbudget.solver.fit import (
 from clearbudget.solver.problem import AllocationResult, WindowProblem, tag_rows
 from clearbudget.solver.surge_fit import curve_price, fit_at_price, fit_surge
 
-__all__ = ["CurveWindow", "allocate_curves", "curve_problem", "fit_queries", "select_queries"]
+__all__ = [
+    "CurveWindow",
+    "allocate_curves",
+    "curve_problem",
+    "fit_queries",
+    "plan_probes",
+    "probe_lengths",
+    "select_queries",
+]
 
 FloatArray = NDArray[np.float64]
+# Probe lengths per query (`probe_lengths`) are multiples of this, so a window holds few distinct
+# lengths (each is fitted apart); a short probe must see this share of the plan's chance.
+PROBE_STEP = 32
+PROBE_SETTLE = 0.9
 # Where budgets are ample the curves are fitted at this price instead of 0, so the fitted
 # tails reach as far as the curves keep rising (value per token well below any real price).
 PRICE_FLOOR = 1e-8
@@ -149,12 +161,66 @@ def select_queries(
     if n == 0 or budget <= 0:
         return np.zeros(n, dtype=bool)
     curves = model.curves(queries, survived=0)
-    result = allocate_curves([str(i) for i in range(n)], curves.budgets, curves.utility,
-                             budget, cap=np.broadcast_to(np.asarray(max_tokens, np.float64), (n,)),
-                             method="closed_form",
-                             tags=tags, tag_budgets=tag_budgets)  # fmt: skip
-    allocations = result.allocations
-    return affordable_probes(allocations, budget, probe_cost)
+    return _fundable(curves.budgets, curves.utility, budget, max_tokens, probe_cost, tags,
+                     tag_budgets)  # fmt: skip
+
+
+def plan_probes(
+    queries: Sequence[QueryInfo],
+    budget: float,
+    model: DifficultyModel,
+    plan: ProbePlan,
+    *,
+    max_tokens: float | Sequence[float] = 32768.0,
+    tags: Sequence[str | None] | None = None,
+    tag_budgets: Mapping[str, float] | None = None,
+) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
+    """`select_queries` with a probe length per query (`probe_lengths`), each query's probe
+    costing its own k × p; one pass over the from-scratch curves for both."""
+    n = len(queries)
+    lengths = np.full(n, plan.tokens, np.int64)
+    if n == 0 or budget <= 0:
+        return np.zeros(n, dtype=bool), lengths
+    curves = model.curves(queries, survived=0)
+    lengths = probe_lengths(curves.budgets, curves.utility, plan)
+    cost = plan.samples * lengths.astype(np.float64)
+    selected = _fundable(curves.budgets, curves.utility, budget, max_tokens, cost, tags,
+                         tag_budgets)  # fmt: skip
+    return selected, lengths
+
+
+def probe_lengths(budgets: FloatArray, utility: FloatArray, plan: ProbePlan) -> NDArray[np.int64]:
+    """Per query (a row of from-scratch U at `budgets`), its probe's length: the plan's, unless
+    the query is predicted to finish within it (at least half of its chance to finish at all
+    falls inside the plan's probe); then the shortest multiple of `PROBE_STEP` by which it has
+    `PROBE_SETTLE` of the chance the plan's probe would give it."""
+    n = utility.shape[0]
+    full = np.full(n, plan.tokens, np.int64)
+    if not plan.enabled or n == 0 or plan.tokens <= PROBE_STEP:
+        return full
+    steps = np.append(np.arange(PROBE_STEP, plan.tokens, PROBE_STEP), plan.tokens)
+    at = np.stack([np.interp(steps, budgets, row) for row in utility])
+    within, ever = at[:, -1], utility[:, -1]
+    early = (within > 0) & (within >= 0.5 * ever)
+    first = np.argmax(at >= PROBE_SETTLE * within[:, None], axis=1)
+    return np.where(early, steps[first], full).astype(np.int64)
+
+
+def _fundable(
+    budgets: FloatArray,
+    utility: FloatArray,
+    budget: float,
+    max_tokens: float | Sequence[float],
+    probe_cost: float | FloatArray,
+    tags: Sequence[str | None] | None,
+    tag_budgets: Mapping[str, float] | None,
+) -> NDArray[np.bool_]:
+    """The queries the window funds on these curves, as many as the budget pays probes for."""
+    n = utility.shape[0]
+    result = allocate_curves([str(i) for i in range(n)], budgets, utility, budget,
+                             cap=np.broadcast_to(np.asarray(max_tokens, np.float64), (n,)),
+                             method="closed_form", tags=tags, tag_budgets=tag_budgets)  # fmt: skip
+    return affordable_probes(result.allocations, budget, probe_cost)
 
 
 def fit_queries(
@@ -163,8 +229,54 @@ def fit_queries(
     plan: ProbePlan,
     model: DifficultyModel,
     settings: FitSettings | None = None,
+    *,
+    probe_tokens: Sequence[int] | None = None,
 ) -> CurveWindow:
-    """Continuation curves of a probed window (see the module docstring)."""
+    """Continuation curves of a probed window (see the module docstring). `probe_tokens`: each
+    query's probe length when they differ (`plan_probes`); queries are fitted per length."""
+    given = probe_tokens is not None and len(probe_tokens) > 0
+    lengths = np.unique(np.asarray(probe_tokens, np.int64)) if given else None
+    if lengths is None or lengths.size <= 1:
+        tokens = int(lengths[0]) if lengths is not None and lengths.size else plan.tokens
+        return _fit_queries(outcomes, queries, ProbePlan(plan.samples, tokens), model, settings)
+    own = np.asarray(probe_tokens, np.int64)
+    parts = []
+    for p in lengths:
+        index = np.flatnonzero(own == p)
+        part = _fit_queries([outcomes[i] for i in index], [queries[i] for i in index],
+                            ProbePlan(plan.samples, int(p)), model, settings)  # fmt: skip
+        parts.append((index, part))
+    return _stitch(parts, len(outcomes))
+
+
+def _stitch(parts: Sequence[tuple[NDArray[np.int64], CurveWindow]], n: int) -> CurveWindow:
+    """One window's fit from the fits of its parts (each part's queries at `index`)."""
+    budgets = parts[0][1].budgets
+    a, tau, beta = np.zeros(n), np.zeros(n), np.zeros(n)
+    continue_from, probe = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    utility = np.zeros((n, budgets.size))
+    now: list[str | None] = [None] * n
+    fallback: list[str | None] = [None] * n
+    for index, part in parts:
+        fit = part.fit
+        a[index], tau[index], beta[index] = fit.a, fit.tau, fit.beta
+        continue_from[index], probe[index] = fit.continue_from, fit.probe_tokens
+        utility[index] = part.utility
+        for k, i in enumerate(index):
+            now[i], fallback[i] = fit.answer_now[k], fit.fallback_answer[k]
+    fit = WindowFit(a=a, tau=tau, beta=beta, answer_now=tuple(now),
+                    fallback_answer=tuple(fallback), continue_from=continue_from,
+                    probe_tokens=probe)  # fmt: skip
+    return CurveWindow(fit, budgets, utility)
+
+
+def _fit_queries(
+    outcomes: Sequence[Sequence[ProbeOutcome]],
+    queries: Sequence[QueryInfo],
+    plan: ProbePlan,
+    model: DifficultyModel,
+    settings: FitSettings | None = None,
+) -> CurveWindow:
     s = settings or FitSettings()
     n = len(outcomes)
     check_outcomes(outcomes, [q.tags for q in queries], [q.hint for q in queries], plan)

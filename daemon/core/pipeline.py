@@ -68,6 +68,7 @@ class _Query:
     outcomes: tuple[ProbeOutcome, ...] = ()  # of the probe's samples, parsed once
     probe_tokens: int = 0
     probe_cut: bool = False  # its own max_tokens cut the probe short: nothing left to decide
+    probe_length: int = 0  # what its probe's samples were cut at
     dispatch_tokens: int = 0
     allocated: int = 0
     curve: Curve | None = None  # the curve the allocation priced it on, if any
@@ -114,8 +115,9 @@ class WindowPipeline:
         selection = self._policy.probe_plan([q.request for q in live], budget)
         skipped = [q for q, chosen in zip(live, selection.selected, strict=True) if not chosen]
         live = [q for q, chosen in zip(live, selection.selected, strict=True) if chosen]
+        lengths = [selection.tokens_of(i) for i, chosen in enumerate(selection.selected) if chosen]
         if selection.plan.enabled and live:
-            await self._probe(live, selection.plan, window.window_id)
+            await self._probe(live, selection.plan, lengths, window.window_id)
         views = [(q, self._view(q)) for q in live if q.result is None]
         # A query whose own max_tokens the probe used up has nothing left to decide.
         spent_out = [q for q, view in views if view.cap_left == 0]
@@ -158,6 +160,7 @@ class WindowPipeline:
             cap_left=0
             if query.probe_cut
             else max(self._cap(query.request) - query.probe_tokens, 0),
+            probe_length=query.probe_length,
         )
 
     # --- steps ----------------------------------------------------------------------------
@@ -174,11 +177,14 @@ class WindowPipeline:
                     reason="deadline passed before the window ran",
                 )
 
-    async def _probe(self, live: list[_Query], plan: ProbePlan, window_id: str) -> None:
-        async def probe_one(query: _Query) -> None:
+    async def _probe(
+        self, live: list[_Query], plan: ProbePlan, lengths: list[int], window_id: str
+    ) -> None:
+        async def probe_one(query: _Query, length: int) -> None:
             # All k samples together stay within the query's own max_tokens.
-            max_tokens = max(min(plan.tokens, self._cap(query.request) // plan.samples), 1)
-            query.probe_cut = max_tokens < plan.tokens
+            max_tokens = max(min(length, self._cap(query.request) // plan.samples), 1)
+            query.probe_cut = max_tokens < length
+            query.probe_length = length
             probe = await self._request(
                 query, "probe", query.request.prompt, plan.samples, max_tokens, window_id, None
             )
@@ -186,7 +192,7 @@ class WindowPipeline:
                 query.probe = probe
                 query.outcomes = _outcomes(probe)
 
-        await asyncio.gather(*(probe_one(q) for q in live))
+        await asyncio.gather(*(probe_one(q, n) for q, n in zip(live, lengths, strict=True)))
         self._metrics.tokens.labels(phase="probe").inc(sum(q.probe_tokens for q in live))
 
     async def _dispatch(

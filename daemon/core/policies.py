@@ -26,7 +26,13 @@ from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 from clearbudget.solver.hazards import DEFAULT_LEVELS
 from clearbudget.solver.priors import PriorBook
 from clearbudget.solver.problem import AllocationResult, WindowProblem
-from clearbudget.solver.query_fit import CurveWindow, curve_problem, fit_queries, select_queries
+from clearbudget.solver.query_fit import (
+    CurveWindow,
+    curve_problem,
+    fit_queries,
+    plan_probes,
+    select_queries,
+)
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
 # The most tokens probe selection lets a query without its own max_tokens want.
@@ -35,12 +41,20 @@ SELECTION_HORIZON = 32768
 
 @dataclass(frozen=True, slots=True)
 class ProbeSelection:
+    """The probe and which queries get it; `tokens`, each query's own probe length where they
+    differ (None: the plan's for all)."""
+
     plan: ProbePlan
     selected: NDArray[np.bool_]
+    tokens: NDArray[np.int64] | None = None
 
     @classmethod
     def everyone(cls, plan: ProbePlan, n: int) -> ProbeSelection:
         return cls(plan, np.ones(n, dtype=bool))
+
+    def tokens_of(self, i: int) -> int:
+        """Query i's probe length."""
+        return int(self.tokens[i]) if self.tokens is not None else self.plan.tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,7 @@ class QueryView:
     outcomes: tuple[ProbeOutcome, ...]
     probe_tokens: int
     cap_left: int  # tokens the query may still generate (its cap minus probe tokens)
+    probe_length: int = 0  # what its probe's samples were cut at (0: the plan's length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +141,7 @@ class ClearPolicy:
         allocator: CvxpyAllocator | None = None,
         remember_queries: int = 0,
         max_tokens_per_query: int = SELECTION_HORIZON,
+        adaptive_probes: bool = True,
     ) -> None:
         """`priors` is accepted for callers written against the per-tag book: its tag levels
         become the model's (plus the hint level); the model learns everything else itself.
@@ -140,9 +156,13 @@ class ClearPolicy:
         size bucket compiles once and is then re-solved with new parameters.
 
         `max_tokens_per_query`: the daemon's cap on one query's tokens; probe selection values
-        a query at most that far (and never past `SELECTION_HORIZON`)."""
+        a query at most that far (and never past `SELECTION_HORIZON`).
+
+        `adaptive_probes`: a query predicted to finish within the plan's probe gets a probe that
+        just covers it (`solver.query_fit.probe_lengths`); False: every probe is the plan's."""
         self._plan = plan
         self._horizon = min(max_tokens_per_query, SELECTION_HORIZON)
+        self._adaptive_probes = adaptive_probes
         levels = (*priors.levels, HINT_LEVEL) if priors is not None else DEFAULT_LEVELS
         self.model = model or DifficultyModel(levels=levels)
         self.tag_budgets = tag_budgets
@@ -173,10 +193,15 @@ class ClearPolicy:
         # Queries the window would abandon on their own prior curves (within their tag's row,
         # and their own max_tokens) are not worth a probe.
         caps = [min(r.max_tokens or self._horizon, self._horizon) for r in requests]
+        infos, tags = [query_info(r) for r in requests], groups if rows else None
+        tag_budgets = rows.budgets if rows else None
+        if self._adaptive_probes:
+            selected, lengths = plan_probes(infos, budget, self.model, self._plan, max_tokens=caps,
+                                            tags=tags, tag_budgets=tag_budgets)  # fmt: skip
+            return ProbeSelection(self._plan, selected, lengths)
         selected = select_queries(
-            [query_info(r) for r in requests], budget, self.model, max_tokens=caps,
-            probe_cost=self._plan.max_cost, tags=groups if rows else None,
-            tag_budgets=rows.budgets if rows else None,
+            infos, budget, self.model, max_tokens=caps, probe_cost=self._plan.max_cost,
+            tags=tags, tag_budgets=tag_budgets,
         )  # fmt: skip
         return ProbeSelection(self._plan, selected)
 
@@ -194,6 +219,7 @@ class ClearPolicy:
             [query_info(q.request) for q in queries],
             self._plan,
             self.model,
+            probe_tokens=[q.probe_length or self._plan.tokens for q in queries],
         )
         fitted = window.fit
         answer_now = tuple(fitted.answer_now)

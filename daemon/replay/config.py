@@ -68,6 +68,7 @@ class ReplayConfig:
     # chain's thinking in "thinking" mode.
     budget_mode: BudgetMode = "max_tokens"
     thinking_answer_tokens: int = DEFAULT_THINKING_ANSWER_TOKENS
+    adaptive_probes: bool = True  # clear: a probe length per query (`ClearPolicy`)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -240,7 +241,9 @@ def make_policy(
     per_query = tokens_per_query(config, queries)
     if config.policy == "clear":
         remember = DEFAULT_REMEMBERED_QUERIES if config.feedback else 0
-        return ClearPolicy(config.probe, remember_queries=remember)
+        return ClearPolicy(
+            config.probe, remember_queries=remember, adaptive_probes=config.adaptive_probes
+        )
     if config.policy == "uniform":
         # Cost-matched: the one cap whose expected cost per query equals the budget.
         if config.budget_per_query is None:

@@ -174,3 +174,20 @@ def test_probe_selection_values_a_query_no_further_than_the_daemons_cap() -> Non
     assert capped[:10].sum() == 0  # not when the daemon cuts every query at 4,000
     assert default[10:].all()
     assert capped[10:].all()
+
+
+async def test_adaptive_probes_fit_each_query_and_a_surprise_is_continued() -> None:
+    """Queries of a tag learned to finish at 150 get a probe just over that; one that runs on
+    is continued from where its shorter probe stopped (fitted as censored there)."""
+    pool = pool_of(easy=150, surprise=3000)
+    policy = ClearPolicy(PLAN, adaptive_probes=True)
+    for n in range(6):  # the tag's chains finish at 150
+        await run_window(policy, pool, ["easy"] * 8, 1e6, n)
+    items = tuple(PendingQuery(request(pool, pid, 900 + i), 0.0)
+                  for i, pid in enumerate(["easy", "surprise"]))  # fmt: skip
+    outcome = await pipeline(policy, pool).run(Window("w-last", 0.0, 2.0, items), 1e6)
+    easy, surprise = outcome.results
+    assert (easy.status, easy.tokens_probe) == (Status.ANSWERED, 150)
+    assert 150 < surprise.tokens_probe < PLAN.tokens  # its own, shorter probe
+    assert surprise.status is Status.ANSWERED  # continued past its probe to the end
+    assert surprise.tokens_used == 3000

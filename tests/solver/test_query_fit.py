@@ -8,7 +8,13 @@ import pytest
 
 from clearbudget.solver.difficulty import BUDGET_GRID, DifficultyModel, QueryInfo
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
-from clearbudget.solver.query_fit import allocate_curves, fit_queries, select_queries
+from clearbudget.solver.query_fit import (
+    allocate_curves,
+    fit_queries,
+    plan_probes,
+    probe_lengths,
+    select_queries,
+)
 from clearbudget.solver.surge_fit import curve_price, fit_at_price, fit_surge
 from clearbudget.solver.utility import envelope, value
 
@@ -115,3 +121,45 @@ def test_fit_queries_answers_finished_probes_and_continues_censored_ones() -> No
     # The long problem's continuation: nothing before its known length, most of it after.
     long = window.utility[1]
     assert np.interp(4000, G, long) < 0.1 < 0.6 < np.interp(12000, G, long)
+
+
+def test_a_query_predicted_to_finish_early_gets_a_probe_that_just_covers_it() -> None:
+    plan = ProbePlan(1, 256)
+    curves = np.stack([step_curve(150), step_curve(9000), heavy_tail_curve(), 0 * G])
+    lengths = probe_lengths(G, curves, plan)
+    assert 150 <= lengths[0] <= 192  # finishes by 150: a 160-token probe answers it
+    assert lengths[0] % 32 == 0
+    assert lengths[1:].tolist() == [256, 256, 256]  # long, slow or hopeless: the plan's probe
+    assert probe_lengths(G, curves, ProbePlan(0, 0)).tolist() == [0, 0, 0, 0]
+
+
+def test_probe_planning_pays_each_query_its_own_probe() -> None:
+    model = _model_with_two_kinds()
+    infos = [QueryInfo("short problem", {"task": "t"})] * 4
+    selected, lengths = plan_probes(infos, 800.0, model, ProbePlan(1, 256))
+    assert len(set(lengths.tolist())) == 1
+    assert 150 <= lengths[0] <= 192  # learned to finish at 150
+    assert selected.tolist() == [True] * 4  # four such probes fit in 800; four of 256 do not
+    assert select_queries(infos, 800.0, model, probe_cost=256).sum() == 3
+
+
+def test_a_window_of_mixed_probe_lengths_is_fitted_as_its_parts() -> None:
+    model = _model_with_two_kinds()
+    short = QueryInfo("short problem", {"task": "t"})
+    long = QueryInfo("long problem", {"task": "t"})
+    plan = ProbePlan(1, 256)
+    mixed = fit_queries(
+        [[ProbeOutcome(False, 160)], [ProbeOutcome(False, 256)]], [short, long], plan, model,
+        probe_tokens=[160, 256],
+    )  # fmt: skip
+    alone = [
+        fit_queries([[ProbeOutcome(False, 160)]], [short], ProbePlan(1, 160), model),
+        fit_queries([[ProbeOutcome(False, 256)]], [long], plan, model),
+    ]
+    for i, part in enumerate(alone):
+        assert mixed.fit.a[i] == pytest.approx(part.fit.a[0])
+        assert mixed.fit.tau[i] == pytest.approx(part.fit.tau[0])
+        np.testing.assert_allclose(mixed.utility[i], part.utility[0])
+    assert mixed.fit.probe_tokens.tolist() == [160, 256]
+    with pytest.raises(ValueError, match="censored samples run exactly p"):
+        fit_queries([[ProbeOutcome(False, 256)]], [short], plan, model, probe_tokens=[160])
