@@ -277,7 +277,7 @@ async def _read(
             settings, from_beginning=from_beginning or not follow
         )
     except StartupError as exc:
-        fail(str(exc))
+        fail(str(exc), secrets=settings.secret_values())
     found: set[str] = set()
     try:
         async with aclosing(stream_results(consumer, assigned, follow=follow)) as stream:
@@ -289,7 +289,7 @@ async def _read(
                 if limit is not None and printer.printed >= limit:
                     break
     except TimeoutError as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), code=1, secrets=settings.secret_values())
     finally:
         await consumer.stop()
     return found

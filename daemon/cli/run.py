@@ -40,6 +40,6 @@ def run() -> None:
     try:
         fatal = asyncio.run(main())
     except StartupError as exc:
-        fail(str(exc))
+        fail(str(exc), secrets=settings.secret_values())
     if fatal is not None:  # e.g. the results topic refuses the daemon: a restart will not help
-        fail(fatal, code=1)
+        fail(fatal, code=1, secrets=settings.secret_values())

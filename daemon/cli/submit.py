@@ -274,7 +274,7 @@ async def _submit(
     except StartupError as exc:
         if reader is not None:
             await reader.stop()
-        fail(str(exc))
+        fail(str(exc), secrets=settings.secret_values())
     except BaseException:
         if reader is not None:
             await reader.stop()
@@ -322,7 +322,8 @@ async def _send(settings: Settings, requests: list[QueryRequest], log: Any) -> N
     if error is not None:
         sent = len(outcomes) - len(failed)
         fail(f"sending to {settings.input_topic!r} failed ({type(error).__name__}: {error}); "
-             f"{sent} of {len(requests)} queries were sent", code=1)  # fmt: skip
+             f"{sent} of {len(requests)} queries were sent", code=1,
+             secrets=settings.secret_values())  # fmt: skip
 
 
 async def _await_results(

@@ -34,6 +34,17 @@ def test_fail_prints_one_line_on_stderr_and_exits() -> None:
     assert CliRunner().invoke(probe, ["--code", "1"]).exit_code == 1
 
 
+def test_fail_masks_the_configured_secrets_it_is_given() -> None:
+    probe = typer.Typer()
+
+    @probe.command()
+    def broken() -> None:
+        fail("broker said: bad password hunter2-sasl for user bob", secrets=["hunter2-sasl"])
+
+    out = CliRunner().invoke(probe, [])
+    assert out.stderr == "error: broker said: bad password *** for user bob\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
