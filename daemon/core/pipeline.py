@@ -215,6 +215,7 @@ class WindowPipeline:
                 query.result = _insolvent(query, window_id, price, waiting)
             else:
                 chain = _probe_sample(query.probe, decision.continue_from[i])
+                self._observe_probe_only(query, except_sample=decision.continue_from[i])
                 fallback = decision.fallback_answer[i]
                 await self._continue(query, tokens, chain, fallback, window_id, price)
 
@@ -356,10 +357,14 @@ class WindowPipeline:
             query.request, tokens, finished=finished, answered=answer is not None, answer=answer
         )
 
-    def _observe_probe_only(self, query: _Query) -> None:
-        """Chains that never reach dispatch still teach the priors (finished or censored)."""
-        for outcome in query.outcomes:
-            self._observe(query, outcome.tokens, finished=outcome.finished, answer=outcome.answer)
+    def _observe_probe_only(self, query: _Query, except_sample: int = -1) -> None:
+        """Chains that never reach dispatch still teach the priors (finished or censored):
+        all of a query's probe samples, but the one being continued (observed when it ends)."""
+        for j, outcome in enumerate(query.outcomes):
+            if j != except_sample:
+                self._observe(
+                    query, outcome.tokens, finished=outcome.finished, answer=outcome.answer
+                )
 
     # --- report ---------------------------------------------------------------------------
     def _report(

@@ -355,3 +355,26 @@ async def test_an_early_answer_keeps_the_text_of_a_probe_that_gave_it() -> None:
     (result,) = outcome.results
     assert (result.status, result.answer) == (Status.ANSWERED, "7")
     assert "7.0" in (result.text or "")
+
+
+async def test_a_continued_querys_other_probe_samples_teach_the_model_too() -> None:
+    seen: list[tuple[int, bool]] = []
+
+    class Watching(ClearPolicy):
+        def observe(self, request: QueryRequest, chain_tokens: int, **outcome: object) -> None:
+            seen.append((chain_tokens, bool(outcome["finished"])))
+            super().observe(request, chain_tokens, **outcome)  # type: ignore[arg-type]
+
+    pool = RolloutPool([record("two", [(100, True), (600, True)])])
+    items = (PendingQuery(QueryRequest(id="q", prompt=prompt_for(pool.get("m/two"))), 0.0),)
+    policy = Watching(ProbePlan(samples=2, tokens=256), PriorBook())
+    backend = SimulatedBackend(pool, seed=1)
+    registry = CollectorRegistry()
+    outcome = await WindowPipeline(
+        backend, policy, PipelineMetrics.create(registry), max_tokens_per_query=1 << 16,
+        wall_clock=lambda: NOW,
+    ).run(Window("w-1", 0.0, 2.0, items), 1e6)  # fmt: skip
+    (result,) = outcome.results
+    assert result.tokens_used == 100 + 600  # the finished sample, and the other continued
+    # Both chains are learned: the finished sibling at 100, the continued one where it ended.
+    assert sorted(seen) == [(100, True), (600, True)]
