@@ -352,3 +352,22 @@ def _trim_row(b: FloatArray, knee: FloatArray, budget: float) -> FloatArray:
             break
         b = b * (budget / total) * (1.0 - 1e-15)
     return b
+
+
+def equal_shares(room: FloatArray, total: float) -> NDArray[np.int64]:
+    """Whole-token shares of `total`, as equal as `room` allows (water-filling): each is
+    min(room, level), rounded down, the tokens rounding left given one each to the first."""
+    room = np.floor(room)
+    if float(room.sum()) <= total:
+        return room.astype(np.int64)
+    ordered = np.sort(room)
+    below = np.concatenate([[0.0], np.cumsum(ordered)[:-1]])  # Σ of the rooms under each
+    counts = np.arange(room.size, 0, -1)  # how many rooms are at least as large
+    fits = below + counts * ordered >= total  # the level falls at or below this room
+    k = int(np.argmax(fits))
+    level = (total - below[k]) / counts[k]
+    shares = np.floor(np.minimum(room, level)).astype(np.int64)
+    spare = int(total - shares.sum())
+    for i in np.flatnonzero(shares < room)[:spare]:
+        shares[i] += 1
+    return shares

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+import numpy as np
 import structlog
 
 from clearbudget.daemon.core.metrics import PipelineMetrics
@@ -29,6 +30,11 @@ from clearbudget.schemas.messages import (
 )
 from clearbudget.solver.answers import answers_agree, extract_answer
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
+from clearbudget.solver.rounding import equal_shares
+
+# What a window with tokens to spare has left goes to its cut chains (`WindowPipeline._recycle`)
+# in shares of at least this many tokens.
+RECYCLE_MIN_TOKENS = 32
 
 SHUTDOWN_REASON = "daemon shut down before the query could finish"
 # The Kafka service's reason for queries cut off by a revoke (it imports this one).
@@ -59,6 +65,16 @@ class WindowOutcome:
     report: WindowReport
 
 
+@dataclass(slots=True)
+class _Cut:
+    """A dispatched chain that ran out at its allocation, as it stands."""
+
+    prompt: str | list[int] | None  # what continues it (None: it cannot be continued)
+    tokens: int  # chain tokens so far (its probe's included)
+    text: str  # the chain's text so far
+    fallback: str | None  # what the finished probes agreed on, if anything
+
+
 @dataclass
 class _Query:
     """One query's way through the window."""
@@ -72,6 +88,7 @@ class _Query:
     dispatch_tokens: int = 0
     allocated: int = 0
     curve: Curve | None = None  # the curve the allocation priced it on, if any
+    cut: _Cut | None = None  # its chain ran out at its allocation: may get more (`_recycle`)
     result: QueryResult | None = None
 
 
@@ -128,6 +145,13 @@ class WindowPipeline:
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id, waiting)
+        if decision.recycle:  # tokens are not scarce in this window
+            left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
+            await self._recycle(live, left, window.window_id, decision.shadow_price)
+        for query in live:
+            if query.cut is not None:
+                self._end_cut(query, window.window_id, decision.shadow_price)
+        self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
         for query in skipped:
             query.result = _insolvent(
                 query, window.window_id, decision.shadow_price, waiting, before_probe=True
@@ -222,7 +246,6 @@ class WindowPipeline:
         assert len(decision.tokens) == len(live), "one decision per live query"
         assert len(decision.curves) in (0, len(live)), "a curve (or None) per live query"
         await asyncio.gather(*(dispatch_one(q, i) for i, q in enumerate(live)))
-        self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
 
     async def _continue(
         self,
@@ -258,26 +281,83 @@ class WindowPipeline:
                 f"{tokens} allocated tokens",
             )  # fmt: skip
             return
-        if sample.finish_reason != "stop":
-            self._observe(query, chain_tokens, finished=False, answer=None)
-            if fallback is not None:
-                query.result = _result(
-                    query, ReasonCode.CUT_WITH_PROBE_ANSWER, window_id, price, answer=fallback,
-                    text=_finished_with(query.probe, fallback).text,
-                    reason=f"the chain did not finish within its {tokens} allocated tokens; "
-                    "answered with what the finished probes agreed on",
-                )  # fmt: skip
-                return
-            query.result = _result(
-                query, ReasonCode.CUT_AT_ALLOCATION, window_id, price,
-                reason=f"the chain did not finish within its {tokens} allocated tokens",
-            )  # fmt: skip
+        if sample.finish_reason != "stop":  # ended (result and observation) after `_recycle`
+            query.cut = _Cut(_extended(prompt, completion, sample), chain_tokens, text, fallback)
             return
         answer = extract_answer(text)
         self._observe(query, chain_tokens, finished=True, answer=answer)
         query.result = _result(
             query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
         )
+
+    async def _recycle(self, live: list[_Query], left: float, window_id: str, price: float) -> None:
+        """What a window with tokens to spare has left after its continuations (chains that
+        finished early return the rest of their allocations) goes to the chains cut at theirs,
+        in equal shares up to each query's cap: one more request each, within the window's
+        budget. Not in thinking mode, where a chain reaching its allocation answers."""
+        cut = [q for q in live if q.cut is not None and q.cut.prompt is not None]
+        if not cut or left < RECYCLE_MIN_TOKENS or self._answer_tokens is not None:
+            return
+        room = [self._cap(q.request) - q.probe_tokens - q.dispatch_tokens for q in cut]
+        extra = equal_shares(np.maximum(np.array(room, np.float64), 0.0), left)
+        await asyncio.gather(*(
+            self._continue_cut(q, int(e), window_id, price)
+            for q, e in zip(cut, extra, strict=True)
+            if e >= RECYCLE_MIN_TOKENS and _worth_more(q, int(e), price)
+        ))  # fmt: skip
+
+    async def _continue_cut(self, query: _Query, extra: int, window_id: str, price: float) -> None:
+        """`extra` more tokens for a cut chain; on any failure it stays cut as it was (what
+        the attempt generated is charged all the same)."""
+        cut = query.cut
+        assert cut is not None
+        assert cut.prompt is not None
+        try:
+            completion = await self._complete(
+                query.request, cut.prompt, n=1, max_tokens=extra, thinking=None
+            )
+        except BackendError as exc:
+            query.dispatch_tokens += max(exc.discarded_tokens, 0)
+            return
+        except _DeadlinePassed:
+            return
+        charged = _charge(completion, 1, extra)
+        query.dispatch_tokens += charged
+        query.allocated += extra
+        if _inconsistency(completion, 1, extra) is not None:
+            return
+        sample = completion.samples[0]
+        text = cut.text + sample.text
+        if sample.finish_reason == "stop":
+            answer = extract_answer(text)
+            self._observe(query, cut.tokens + charged, finished=True, answer=answer)
+            query.cut = None
+            query.result = _result(
+                query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
+            )
+            return
+        query.cut = _Cut(_extended(cut.prompt, completion, sample), cut.tokens + charged, text,
+                         cut.fallback)  # fmt: skip
+
+    def _end_cut(self, query: _Query, window_id: str, price: float) -> None:
+        """The result of a chain that ran out at its allocation, and what the curves learn."""
+        cut = query.cut
+        assert cut is not None
+        query.cut = None
+        self._observe(query, cut.tokens, finished=False, answer=None)
+        allocated = query.allocated
+        if cut.fallback is not None:
+            query.result = _result(
+                query, ReasonCode.CUT_WITH_PROBE_ANSWER, window_id, price, answer=cut.fallback,
+                text=_finished_with(query.probe, cut.fallback).text,
+                reason=f"the chain did not finish within its {allocated} allocated tokens; "
+                "answered with what the finished probes agreed on",
+            )  # fmt: skip
+            return
+        query.result = _result(
+            query, ReasonCode.CUT_AT_ALLOCATION, window_id, price,
+            reason=f"the chain did not finish within its {allocated} allocated tokens",
+        )  # fmt: skip
 
     def _thinking_budget(self, chain_tokens: int, tokens: int) -> int | None:
         """vLLM's `thinking_token_budget` for continuing a chain of `chain_tokens` (its
@@ -566,6 +646,36 @@ def _finished_with(probe: Completion | None, answer: str) -> Sample:
         s for s in probe.samples
         if s.finish_reason == "stop" and answers_agree(extract_answer(s.text), answer)
     )  # fmt: skip
+
+
+def _worth_more(query: _Query, extra: int, price: float) -> bool:
+    """Whether `extra` more tokens for a chain cut at its allocation b return the window's
+    price per token on its curve, given it ran b without finishing: (U(b + e) − U(b)) / e over
+    1 − U(b) (at least the chance it is still running), times its weight. What is not worth it
+    stays in the budget and carries over to later windows."""
+    curve = query.curve
+    if curve is None:
+        return False
+    b = query.allocated
+    gain = curve.value(b + extra) - curve.value(b)
+    still_running = max(1.0 - curve.value(b), 1e-9)
+    return query.request.weight * gain / (extra * still_running) >= price
+
+
+def _extended(
+    prompt: str | list[int] | None, completion: Completion, sample: Sample
+) -> str | list[int] | None:
+    """The prompt that continues `sample` after `prompt`: by token ids when the backend gave
+    them, else by text; None when neither can be done."""
+    if prompt is None:
+        return None
+    if sample.token_ids is not None:
+        base = completion.prompt_token_ids
+        if base is None and isinstance(prompt, list):
+            base = tuple(prompt)
+        if base is not None:
+            return [*base, *sample.token_ids]
+    return prompt + sample.text if isinstance(prompt, str) else None
 
 
 def _continuation_prompt(

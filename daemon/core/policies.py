@@ -35,6 +35,8 @@ from clearbudget.solver.query_fit import (
 )
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
+# At most this price per token, a window's tokens are not scarce (`Decision.recycle`).
+RECYCLE_PRICE = 1e-6
 # The most tokens probe selection lets a query without its own max_tokens want.
 SELECTION_HORIZON = 32768
 
@@ -75,7 +77,9 @@ class Decision:
     plus the window's price, and with tag budgets each group's row and price (λ plus the
     group's premium where its row binds). `curves`: per live query the curve the allocation
     was solved on (None where the query was not priced on one, e.g. answered from its probe);
-    empty when the policy has no curves (the baselines)."""
+    empty when the policy has no curves (the baselines). `recycle`: tokens are not scarce in
+    this window, so what its continuations leave may go to its chains cut at their allocation
+    (`WindowPipeline`); never for the baselines, whose caps are the policy."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
@@ -88,6 +92,7 @@ class Decision:
     tag_budgets: Mapping[str, float] = field(default_factory=dict)
     tag_prices: Mapping[str, float] = field(default_factory=dict)
     curves: tuple[Curve | None, ...] = ()
+    recycle: bool = False
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
@@ -250,6 +255,7 @@ class ClearPolicy:
         return Decision(
             tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
             result.fallbacks, tag_budgets, tag_prices, _solved_curves(len(queries), index, problem),
+            recycle=rows is None,
         )  # fmt: skip
 
     def _allocate(

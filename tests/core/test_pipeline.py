@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from clearbudget.daemon.core.metrics import PipelineMetrics
@@ -25,9 +28,10 @@ from clearbudget.daemon.core.ports import BackendError, Completion, CompletionBa
 from clearbudget.daemon.core.windowing import Window
 from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from clearbudget.daemon.replay.simulator import SimulatedBackend, grade, prompt_for
-from clearbudget.schemas.messages import QueryRequest, Status
+from clearbudget.schemas.messages import Curve, QueryRequest, ReasonCode, Status
 from clearbudget.solver.fit import ProbePlan
 from clearbudget.solver.priors import PriorBook
+from clearbudget.solver.rounding import equal_shares
 from tests.support.backends import SlowBackend
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -378,3 +382,94 @@ async def test_a_continued_querys_other_probe_samples_teach_the_model_too() -> N
     assert result.tokens_used == 100 + 600  # the finished sample, and the other continued
     # Both chains are learned: the finished sibling at 100, the continued one where it ended.
     assert sorted(seen) == [(100, True), (600, True)]
+
+
+class RecyclingCaps(UniformPolicy):
+    """Fixed caps priced at `price` on one curve for all, with the window's leftover offered to
+    cut chains (as clear's decisions do); remembers what it was told of each chain."""
+
+    def __init__(self, cap: int, price: float = 0.0) -> None:
+        super().__init__(cap=cap)
+        self.price = price
+        self.seen: list[tuple[int, bool]] = []
+
+    def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+        curves = tuple(Curve(A=0.9, tau=0.0, beta=1e-3) for _ in queries)
+        decision = super().decide(queries, budget)
+        return replace(decision, recycle=True, curves=curves, shadow_price=self.price)
+
+    def observe(self, request: QueryRequest, chain_tokens: int, **outcome: object) -> None:
+        self.seen.append((chain_tokens, bool(outcome["finished"])))
+
+
+RECYCLED = RolloutPool([record("early", [(100, True)] * 2), record("late", [(1500, True)] * 2),
+                        record("never", [(9000, True)] * 2)])  # fmt: skip
+
+
+def recycled_window(*pids: str) -> Window[PendingQuery]:
+    items = tuple(
+        PendingQuery(QueryRequest(id=pid, prompt=prompt_for(RECYCLED.get(f"m/{pid}"))), 0.0)
+        for pid in pids
+    )
+    return Window("w-1", 0.0, 2.0, items)
+
+
+async def test_what_early_finishers_leave_goes_to_the_chains_cut_at_their_allocation() -> None:
+    policy = RecyclingCaps(cap=1000)
+    backend = SimulatedBackend(RECYCLED, seed=1)
+    outcome = await pipeline(policy, backend).run(recycled_window("early", "late"), 2000.0)
+    early, late = outcome.results
+    assert (early.status, early.tokens_used) == (Status.ANSWERED, 100)
+    # 900 left by the early one: the late chain, cut at 1,000, gets it and finishes at 1,500.
+    assert (late.status, late.reason_code, late.tokens_used) == (
+        Status.ANSWERED, ReasonCode.CHAIN_FINISHED, 1500
+    )  # fmt: skip
+    assert late.allocated_tokens == 1900
+    assert outcome.report.spent_tokens == 1600 <= 2000
+    assert sorted(policy.seen) == [(100, True), (1500, True)]  # the late chain learned once
+
+
+async def test_a_chain_that_still_does_not_finish_is_cut_within_the_window_budget() -> None:
+    policy = RecyclingCaps(cap=1000)
+    backend = SimulatedBackend(RECYCLED, seed=1)
+    outcome = await pipeline(policy, backend).run(recycled_window("early", "never"), 2000.0)
+    _, never = outcome.results
+    assert (never.status, never.reason_code) == (Status.ABANDONED, ReasonCode.CUT_AT_ALLOCATION)
+    assert never.tokens_used == 1900  # its 1,000 and the 900 left
+    assert outcome.report.spent_tokens == 2000  # the whole window budget, never more
+    assert sorted(policy.seen) == [(100, True), (1900, False)]
+    plain = await pipeline(UniformPolicy(cap=1000), backend).run(
+        recycled_window("early", "never"), 2000.0
+    )
+    assert [r.tokens_used for r in plain.results] == [100, 1000]  # the baselines keep caps
+
+
+async def test_leftover_goes_only_where_it_returns_the_windows_price() -> None:
+    # On U(b) = 0.9·(1 − e^(−b/1000)), 900 more after 1,000 return about 5e-4 per token of a
+    # chain still running: worth it at a price of 1e-4, not at 1e-3 (then it carries over).
+    backend = SimulatedBackend(RECYCLED, seed=1)
+    cheap = await pipeline(RecyclingCaps(1000, price=1e-4), backend).run(
+        recycled_window("early", "late"), 2000.0
+    )
+    dear = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
+        recycled_window("early", "late"), 2000.0
+    )
+    assert [r.tokens_used for r in cheap.results] == [100, 1500]
+    assert [r.tokens_used for r in dear.results] == [100, 1000]
+
+
+@given(
+    st.lists(st.integers(0, 10_000), min_size=1, max_size=20),
+    st.floats(0, 200_000, allow_nan=False),
+)
+def test_equal_shares_never_give_out_more_than_there_is(rooms: list[int], total: float) -> None:
+    room = np.array(rooms, np.float64)
+    shares = equal_shares(room, total)
+    assert (shares >= 0).all()
+    assert (shares <= room).all()
+    assert shares.sum() <= total
+    if shares.sum() < int(total):  # short only because every room is full
+        assert (shares == room).all()
+    # As equal as the rooms allow: a share below another's is at its room.
+    low = shares < shares.max(initial=0) - 1
+    assert (shares[low] == room[low]).all()
