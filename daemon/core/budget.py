@@ -46,6 +46,10 @@ class BudgetLedger:
     def carry_cap(self) -> float:
         return self.carry_over_cap_tokens * self.share
 
+    def carry_room(self) -> float:
+        """How many more unspent tokens the carry-over can take now (the rest is lost)."""
+        return max(self.carry_cap - self.carry, 0.0)
+
     def earned(self, seconds: float) -> float:
         return self.tokens_per_second * self.share * max(seconds, 0.0)
 

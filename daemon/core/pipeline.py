@@ -121,10 +121,17 @@ class WindowPipeline:
         self._log = logger or structlog.get_logger("clearbudget.pipeline")
 
     async def run(
-        self, window: Window[PendingQuery], budget: float, *, waiting: int = 0
+        self,
+        window: Window[PendingQuery],
+        budget: float,
+        *,
+        waiting: int = 0,
+        carry_room: Callable[[], float] | None = None,
     ) -> WindowOutcome:
         """Serve `window` on `budget` tokens; `waiting`: queries queued behind it (a backlog),
-        named in the reason of those priced out."""
+        named in the reason of those priced out; `carry_room`: how many unspent tokens the
+        budget's carry-over can still take (the rest of what a window leaves is lost; None:
+        all of it)."""
         started = self._wall_clock()
         queries = [_Query(item.request) for item in window.items]
         self._expire(queries, window.window_id)
@@ -147,7 +154,8 @@ class WindowPipeline:
         await self._dispatch(live, decision, window.window_id, waiting)
         if decision.recycle:  # tokens are not scarce in this window
             left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
-            await self._recycle(live, left, window.window_id, decision.shadow_price)
+            free = max(left - carry_room(), 0.0) if carry_room is not None else 0.0
+            await self._recycle(live, left, free, window.window_id, decision.shadow_price)
         for query in live:
             if query.cut is not None:
                 self._end_cut(query, window.window_id, decision.shadow_price)
@@ -290,20 +298,28 @@ class WindowPipeline:
             query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
         )
 
-    async def _recycle(self, live: list[_Query], left: float, window_id: str, price: float) -> None:
-        """What a window with tokens to spare has left after its continuations (chains that
-        finished early return the rest of their allocations) goes to the chains cut at theirs,
-        in equal shares up to each query's cap: one more request each, within the window's
-        budget. Not in thinking mode, where a chain reaching its allocation answers."""
+    async def _recycle(
+        self, live: list[_Query], left: float, free: float, window_id: str, price: float
+    ) -> None:
+        """What a window has left after its continuations (chains that finished early return
+        the rest of their allocations) goes to the chains cut at theirs, in equal shares up to
+        each query's cap, one more request each, within the window's budget: first the `free`
+        tokens the carry-over could not keep anyway, then shares of the rest where they return
+        the window's price (`_worth_more`). Not in thinking mode, where such a chain answers."""
         cut = [q for q in live if q.cut is not None and q.cut.prompt is not None]
         if not cut or left < RECYCLE_MIN_TOKENS or self._answer_tokens is not None:
             return
         room = [self._cap(q.request) - q.probe_tokens - q.dispatch_tokens for q in cut]
-        extra = equal_shares(np.maximum(np.array(room, np.float64), 0.0), left)
+        room_left = np.maximum(np.array(room, np.float64), 0.0)
+        lost_anyway = equal_shares(room_left, min(free, left))
+        rest = equal_shares(room_left - lost_anyway, left - float(lost_anyway.sum()))
+        extra = [
+            int(f) + (int(r) if _worth_more(q, int(r), price, after=int(f)) else 0)
+            for q, f, r in zip(cut, lost_anyway, rest, strict=True)
+        ]
         await asyncio.gather(*(
-            self._continue_cut(q, int(e), window_id, price)
-            for q, e in zip(cut, extra, strict=True)
-            if e >= RECYCLE_MIN_TOKENS and _worth_more(q, int(e), price)
+            self._continue_cut(q, e, window_id, price)
+            for q, e in zip(cut, extra, strict=True) if e >= RECYCLE_MIN_TOKENS
         ))  # fmt: skip
 
     async def _continue_cut(self, query: _Query, extra: int, window_id: str, price: float) -> None:
@@ -648,15 +664,15 @@ def _finished_with(probe: Completion | None, answer: str) -> Sample:
     )  # fmt: skip
 
 
-def _worth_more(query: _Query, extra: int, price: float) -> bool:
-    """Whether `extra` more tokens for a chain cut at its allocation b return the window's
-    price per token on its curve, given it ran b without finishing: (U(b + e) − U(b)) / e over
-    1 − U(b) (at least the chance it is still running), times its weight. What is not worth it
-    stays in the budget and carries over to later windows."""
+def _worth_more(query: _Query, extra: int, price: float, *, after: int = 0) -> bool:
+    """Whether `extra` more tokens for a chain cut at b (its allocation, plus `after`) return
+    the window's price per token on its curve, given it ran b without finishing: (U(b + e) −
+    U(b)) / e over 1 − U(b) (at least the chance it is still running), times its weight. What
+    is not worth it stays in the budget and carries over to later windows."""
     curve = query.curve
-    if curve is None:
+    if curve is None or extra <= 0:
         return False
-    b = query.allocated
+    b = query.allocated + after
     gain = curve.value(b + extra) - curve.value(b)
     still_running = max(1.0 - curve.value(b), 1e-9)
     return query.request.weight * gain / (extra * still_running) >= price

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from clearbudget.daemon.core.metrics import PipelineMetrics
@@ -32,9 +32,14 @@ class TagSpendPipeline(WindowPipeline):
         self._tag_metrics = metrics.tags
 
     async def run(
-        self, window: Window[PendingQuery], budget: float, *, waiting: int = 0
+        self,
+        window: Window[PendingQuery],
+        budget: float,
+        *,
+        waiting: int = 0,
+        carry_room: Callable[[], float] | None = None,
     ) -> WindowOutcome:
-        outcome = await super().run(window, budget, waiting=waiting)
+        outcome = await super().run(window, budget, waiting=waiting, carry_room=carry_room)
         self._tag_metrics.record_spend(tag_spend(self._tag_budgets, window.items, outcome.results))
         return outcome
 

@@ -331,7 +331,9 @@ class Daemon:
     ) -> None:
         started = self._clock()
         try:
-            outcome = await self._pipeline.run(window, budget, waiting=self._waiting())
+            outcome = await self._pipeline.run(
+                window, budget, waiting=self._waiting(), carry_room=self._ledger.carry_room
+            )
             self._publishing.add(asyncio.current_task())  # type: ignore[arg-type]
             await self._sink.publish_results(outcome.results)
             # Published: done, whatever happens to the report (a drain must not relabel them).

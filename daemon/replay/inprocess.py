@@ -68,7 +68,7 @@ async def replay(
         span = ledger_span(config, window.duration, len(window.items))
         earned = ledger.earned(span)
         budget = ledger.reserve(span)  # earned + the carry, which this window takes
-        outcome = await pipeline.run(window, budget)
+        outcome = await pipeline.run(window, budget, carry_room=ledger.carry_room)
         ledger.settle(budget, outcome.report.spent_tokens)
         budgets.append(earned)
         solve_ms.append(outcome.report.solve_ms)

@@ -68,3 +68,13 @@ def test_spend_never_exceeds_what_was_earned_in_any_interleaving(
         # ... so what windows spent plus what running windows may still spend is covered too.
         assert spent + sum(running) <= ledger.earned_total + 1e-6
         assert 0.0 <= ledger.carry <= ledger.carry_cap + 1e-9
+
+
+def test_carry_room_is_what_the_carry_can_still_take() -> None:
+    ledger = BudgetLedger(tokens_per_second=100.0, carry_over_cap_tokens=300.0)
+    assert ledger.carry_room() == 300.0
+    budget = ledger.reserve(2.0)
+    ledger.settle(budget, 0.0)  # 200 unspent
+    assert ledger.carry_room() == 100.0
+    ledger.settle(ledger.reserve(5.0), 0.0)  # 700 unspent: the carry is full
+    assert ledger.carry_room() == 0.0

@@ -473,3 +473,16 @@ def test_equal_shares_never_give_out_more_than_there_is(rooms: list[int], total:
     # As equal as the rooms allow: a share below another's is at its room.
     low = shares < shares.max(initial=0) - 1
     assert (shares[low] == room[low]).all()
+
+
+async def test_leftover_the_carry_cannot_keep_goes_to_cut_chains_whatever_the_price() -> None:
+    backend = SimulatedBackend(RECYCLED, seed=1)
+    full_carry = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
+        recycled_window("early", "late"), 2000.0, carry_room=lambda: 0.0
+    )
+    assert [r.tokens_used for r in full_carry.results] == [100, 1500]  # lost otherwise
+    some_room = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
+        recycled_window("early", "never"), 2000.0, carry_room=lambda: 500.0
+    )
+    # 900 left, 500 of them the carry keeps: the 400 it cannot go to the cut chain.
+    assert [r.tokens_used for r in some_room.results] == [100, 1400]
