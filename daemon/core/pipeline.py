@@ -152,7 +152,7 @@ class WindowPipeline:
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id, waiting)
-        if decision.recycle:  # tokens are not scarce in this window
+        if decision.recycle:  # clear: what early finishers left may go to its cut chains
             left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
             free = max(left - carry_room(), 0.0) if carry_room is not None else 0.0
             await self._recycle(live, left, free, window.window_id, decision.shadow_price)
@@ -268,7 +268,7 @@ class WindowPipeline:
         with `fallback` (what the finished probes agreed on) when there is one. In thinking
         mode the chain's thinking is ended in time for it to answer within `tokens`."""
         prompt = _continuation_prompt(query.request.prompt, query.probe, chain)
-        before = chain.completion_tokens or 0 if chain else 0
+        before = _sample_tokens(chain, query.probe) if chain and query.probe else 0
         thinking = self._thinking_budget(before, tokens)
         completion = await self._request(
             query, "dispatch", prompt, 1, tokens, window_id, price, thinking=thinking
@@ -276,17 +276,19 @@ class WindowPipeline:
         if completion is None:
             return
         sample = completion.samples[0]
-        chain_tokens = before + query.dispatch_tokens
+        # The chain's own length: a retried attempt's tokens are charged, not part of it.
+        chain_tokens = before + _sample_tokens(sample, completion)
         text = (chain.text if chain else "") + sample.text
         if thinking is not None and sample.finish_reason == "stop" and chain_tokens > thinking:
-            # More tokens than it could think: vLLM ended the thinking and the model answered.
+            # It ran past its thinking budget, where vLLM ends the thinking, and then answered.
+            # (vLLM does not say whether it ended it, or the chain had just stopped thinking.)
             # The chain is known to run past `thinking`, so the curves learn it as cut there.
             answer = extract_answer(text)
             self._observe(query, thinking, finished=False, answer=None)
             query.result = _result(
                 query, ReasonCode.THINKING_ENDED, window_id, price, answer=answer, text=text,
-                reason=f"its thinking was ended at {thinking} tokens to answer within its "
-                f"{tokens} allocated tokens",
+                reason=f"the chain ran past its thinking budget of {thinking} tokens, where "
+                f"vLLM ends the thinking, and answered within its {tokens} allocated tokens",
             )  # fmt: skip
             return
         if sample.finish_reason != "stop":  # ended (result and observation) after `_recycle`
@@ -337,22 +339,22 @@ class WindowPipeline:
             return
         except _DeadlinePassed:
             return
-        charged = _charge(completion, 1, extra)
-        query.dispatch_tokens += charged
+        query.dispatch_tokens += _charge(completion, 1, extra)
         query.allocated += extra
         if _inconsistency(completion, 1, extra) is not None:
             return
         sample = completion.samples[0]
+        ran = _sample_tokens(sample, completion)  # retried attempts' tokens are no part of it
         text = cut.text + sample.text
         if sample.finish_reason == "stop":
             answer = extract_answer(text)
-            self._observe(query, cut.tokens + charged, finished=True, answer=answer)
+            self._observe(query, cut.tokens + ran, finished=True, answer=answer)
             query.cut = None
             query.result = _result(
                 query, ReasonCode.CHAIN_FINISHED, window_id, price, answer=answer, text=text
             )
             return
-        query.cut = _Cut(_extended(cut.prompt, completion, sample), cut.tokens + charged, text,
+        query.cut = _Cut(_extended(cut.prompt, completion, sample), cut.tokens + ran, text,
                          cut.fallback)  # fmt: skip
 
     def _end_cut(self, query: _Query, window_id: str, price: float) -> None:

@@ -35,8 +35,6 @@ from clearbudget.solver.query_fit import (
 )
 
 NO_PROBE = ProbePlan(samples=0, tokens=0)
-# At most this price per token, a window's tokens are not scarce (`Decision.recycle`).
-RECYCLE_PRICE = 1e-6
 # The most tokens probe selection lets a query without its own max_tokens want.
 SELECTION_HORIZON = 32768
 
@@ -77,9 +75,9 @@ class Decision:
     plus the window's price, and with tag budgets each group's row and price (λ plus the
     group's premium where its row binds). `curves`: per live query the curve the allocation
     was solved on (None where the query was not priced on one, e.g. answered from its probe);
-    empty when the policy has no curves (the baselines). `recycle`: tokens are not scarce in
-    this window, so what its continuations leave may go to its chains cut at their allocation
-    (`WindowPipeline`); never for the baselines, whose caps are the policy."""
+    empty when the policy has no curves (the baselines). `recycle`: what this window's
+    continuations leave may go to its chains cut at their allocation (`WindowPipeline._recycle`
+    decides where it returns the price); never for the baselines, whose caps are the policy."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]

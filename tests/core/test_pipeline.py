@@ -486,3 +486,27 @@ async def test_leftover_the_carry_cannot_keep_goes_to_cut_chains_whatever_the_pr
     )
     # 900 left, 500 of them the carry keeps: the 400 it cannot go to the cut chain.
     assert [r.tokens_used for r in some_room.results] == [100, 1400]
+
+
+class Retrying:
+    """The simulator behind a pod whose every answer came after a garbled attempt of 40."""
+
+    def __init__(self, inner: SimulatedBackend) -> None:
+        self._inner = inner
+
+    async def complete(self, prompt: object, **request: object) -> Completion:
+        completion = await self._inner.complete(prompt, **request)  # type: ignore[arg-type]
+        return replace(completion, discarded_tokens=40)
+
+    def ready(self) -> bool:
+        return True
+
+
+async def test_tokens_of_retried_attempts_are_charged_but_never_learned_as_chain_length() -> None:
+    policy = RecyclingCaps(cap=1000)
+    backend = Retrying(SimulatedBackend(RECYCLED, seed=1))
+    outcome = await pipeline(policy, backend).run(recycled_window("early", "late"), 2000.0)
+    early, late = outcome.results
+    assert early.tokens_used == 100 + 40
+    assert late.tokens_used == 1500 + 2 * 40  # two requests, each after a garbled attempt
+    assert sorted(policy.seen) == [(100, True), (1500, True)]  # the chains' own lengths

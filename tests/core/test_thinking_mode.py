@@ -113,7 +113,7 @@ async def test_a_chain_past_its_thinking_budget_answers_within_its_allocation() 
     assert hard.status is Status.ANSWERED
     assert hard.reason_code is ReasonCode.THINKING_ENDED
     assert hard.tokens_used == 600 + FORCED_ANSWER_TOKENS <= hard.allocated_tokens == 700
-    assert "thinking was ended at 600 tokens" in (hard.reason or "")
+    assert "ran past its thinking budget of 600 tokens" in (hard.reason or "")
     assert grade(hard.text or "", POOL.get("m/hard")) == (hard.answer == "7")
     # What the curves learn: finished chains as finished; the ended one as cut at 600.
     assert sorted(policy.seen) == [(100, True), (600, False), (600, True)]
