@@ -33,7 +33,7 @@ from clearbudget.daemon.core.windowing import Window, WindowAssembler
 from clearbudget.daemon.kafka.intake import Intake, Rejection
 from clearbudget.daemon.kafka.offsets import OffsetTracker
 from clearbudget.daemon.kafka.sinks import BrokerHealth, FatalPublishError
-from clearbudget.schemas.messages import Status
+from clearbudget.schemas.messages import Status, WindowReport
 
 POLL_TIMEOUT_MS = 100
 BROKER_CHECK_INTERVAL_S = 5.0
@@ -345,7 +345,7 @@ class Daemon:
             if holds_slot:  # the report is best-effort: the next window need not wait for it
                 self._slots.release()
                 holds_slot = False
-            await self._sink.publish_window(outcome.report)
+            await self._publish_report(outcome.report)
             self._metrics.window_seconds.observe(self._clock() - started)
         except asyncio.CancelledError:
             raise
@@ -359,6 +359,14 @@ class Daemon:
             self._publishing.discard(asyncio.current_task())  # type: ignore[arg-type]
             if holds_slot:
                 self._slots.release()
+
+    async def _publish_report(self, report: WindowReport) -> None:
+        """The window report, best-effort: its results are out, so nothing that goes wrong
+        here may fail the window (that would give its queries a second, `failed` result)."""
+        try:
+            await self._sink.publish_window(report)
+        except Exception as exc:
+            self._log.warning("window_report_dropped", window_id=report.window_id, error=str(exc))
 
     async def _fail_window(self, window: Window[PendingQuery], exc: Exception) -> None:
         """Publish `failed` for every query of a window that broke; if even that fails, the

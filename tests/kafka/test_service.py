@@ -336,3 +336,17 @@ async def test_a_report_waiting_for_its_ack_does_not_hold_the_next_window_back()
         release.set()
         stop.set()
         await task
+
+
+async def test_a_report_that_raises_never_gives_published_queries_a_second_result() -> None:
+    class BrokenReports(MemorySink):
+        async def publish_window(self, report: WindowReport) -> None:
+            raise RuntimeError("report encoder broke")
+
+    consumer, sink = MemoryConsumer(partitions=1), BrokenReports()
+    for i in range(6):
+        consumer.append(0, query(i))
+    daemon = make_daemon(consumer, sink, window_max_queries=2)
+    await run_until(daemon, lambda: consumer.committed == {TopicPartition(TOPIC, 0): 6})
+    assert sorted(r.id for r in sink.results) == [f"q{i}" for i in range(6)]  # once each
+    assert {r.status for r in sink.results} == {Status.ANSWERED}
