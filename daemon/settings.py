@@ -31,7 +31,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from clearbudget.daemon.core.ports import DEFAULT_THINKING_ANSWER_TOKENS, BudgetMode
+from clearbudget.daemon.core.ports import (
+    DEFAULT_THINKING_ANSWER_TOKENS,
+    BudgetMode,
+    answer_allowance,
+)
 from clearbudget.daemon.core.tags import TagBudgets
 from clearbudget.schemas.messages import DEFAULT_MAX_PROMPT_BYTES
 
@@ -349,7 +353,7 @@ class Settings(BaseSettings):
     @property
     def thinking_answer_allowance(self) -> int | None:
         """The pipeline's `thinking_answer_tokens`: None unless CLEAR_BUDGET_MODE=thinking."""
-        return self.thinking_answer_tokens if self.budget_mode == "thinking" else None
+        return answer_allowance(self.budget_mode, self.thinking_answer_tokens)
 
     def _discovery_problems(self) -> list[str]:
         if self.vllm_discovery != "dns":

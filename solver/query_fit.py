@@ -199,7 +199,11 @@ def probe_lengths(budgets: FloatArray, utility: FloatArray, plan: ProbePlan) -> 
     if not plan.enabled or n == 0 or plan.tokens <= PROBE_STEP:
         return full
     steps = np.append(np.arange(PROBE_STEP, plan.tokens, PROBE_STEP), plan.tokens)
-    at = np.stack([np.interp(steps, budgets, row) for row in utility])
+    # U at each step, every row at once (the rows share `budgets`).
+    hi = np.clip(np.searchsorted(budgets, steps, side="right"), 1, budgets.size - 1)
+    lo = hi - 1
+    frac = np.clip((steps - budgets[lo]) / (budgets[hi] - budgets[lo]), 0.0, 1.0)
+    at = utility[:, lo] + frac * (utility[:, hi] - utility[:, lo])
     within, ever = at[:, -1], utility[:, -1]
     early = (within > 0) & (within >= 0.5 * ever)
     first = np.argmax(at >= PROBE_SETTLE * within[:, None], axis=1)

@@ -22,6 +22,11 @@ BUDGET_MODES: tuple[BudgetMode, ...] = ("max_tokens", "thinking")
 DEFAULT_THINKING_ANSWER_TOKENS = 128
 
 
+def answer_allowance(mode: BudgetMode, answer_tokens: int) -> int | None:
+    """The pipeline's `thinking_answer_tokens` for a budget mode: None unless "thinking"."""
+    return answer_tokens if mode == "thinking" else None
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One generated chain of a completions request."""

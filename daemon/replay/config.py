@@ -29,6 +29,7 @@ from clearbudget.daemon.core.ports import (
     BUDGET_MODES,
     DEFAULT_THINKING_ANSWER_TOKENS,
     BudgetMode,
+    answer_allowance,
 )
 from clearbudget.daemon.replay.files import InputFileError, json_lines
 from clearbudget.daemon.replay.rollouts import (
@@ -91,7 +92,7 @@ class ReplayConfig:
     @property
     def thinking_answer_allowance(self) -> int | None:
         """The pipeline's `thinking_answer_tokens`: None unless in thinking mode."""
-        return self.thinking_answer_tokens if self.budget_mode == "thinking" else None
+        return answer_allowance(self.budget_mode, self.thinking_answer_tokens)
 
 
 @dataclass(frozen=True, slots=True)

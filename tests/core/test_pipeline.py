@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,15 +162,7 @@ class FailingBackend:
     def __init__(self, discarded: int = 0) -> None:
         self.discarded = discarded
 
-    async def complete(
-        self,
-        prompt: object,
-        *,
-        n: int,
-        max_tokens: int,
-        seed: int | None = None,
-        thinking_token_budget: int | None = None,
-    ) -> Completion:
+    async def complete(self, prompt: object, **request: Any) -> Completion:
         raise BackendError("all endpoints down", discarded_tokens=self.discarded)
 
     def ready(self) -> bool:
@@ -292,23 +285,13 @@ class OneBadResponse:
         self._marker = bad_prompt_marker
         self._how = how
 
-    async def complete(
-        self,
-        prompt: object,
-        *,
-        n: int,
-        max_tokens: int,
-        seed: int | None = None,
-        thinking_token_budget: int | None = None,
-    ) -> Completion:
-        completion = await self._inner.complete(
-            prompt, n=n, max_tokens=max_tokens, seed=seed,
-            thinking_token_budget=thinking_token_budget,
-        )  # fmt: skip
+    async def complete(self, prompt: object, **request: Any) -> Completion:
+        completion = await self._inner.complete(prompt, **request)  # type: ignore[arg-type]
         if self._marker not in str(prompt):
             return completion
         if self._how == "usage":
-            return Completion(completion.samples, completion.prompt_tokens, 10 * n * max_tokens)
+            too_many = 10 * request["n"] * request["max_tokens"]
+            return Completion(completion.samples, completion.prompt_tokens, too_many)
         return Completion(completion.samples * 2, completion.prompt_tokens, 0)
 
     def ready(self) -> bool:
@@ -494,7 +477,7 @@ class Retrying:
     def __init__(self, inner: SimulatedBackend) -> None:
         self._inner = inner
 
-    async def complete(self, prompt: object, **request: object) -> Completion:
+    async def complete(self, prompt: object, **request: Any) -> Completion:
         completion = await self._inner.complete(prompt, **request)  # type: ignore[arg-type]
         return replace(completion, discarded_tokens=40)
 

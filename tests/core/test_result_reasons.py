@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -254,19 +255,8 @@ class Recording:
     inner: SimulatedBackend
     calls: dict[str, list[int]] = field(default_factory=dict)
 
-    async def complete(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        n: int,
-        max_tokens: int,
-        seed: int | None = None,
-        thinking_token_budget: int | None = None,
-    ) -> Completion:
-        completion = await self.inner.complete(
-            prompt, n=n, max_tokens=max_tokens, seed=seed,
-            thinking_token_budget=thinking_token_budget,
-        )  # fmt: skip
+    async def complete(self, prompt: str | Sequence[int], **request: Any) -> Completion:
+        completion = await self.inner.complete(prompt, **request)
         match = QUERY_LINE.search(str(prompt))
         assert match is not None
         self.calls.setdefault(match.group(1), []).append(completion.completion_tokens)

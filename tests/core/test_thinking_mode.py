@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -48,20 +49,11 @@ class Recording:
     inner: SimulatedBackend
     requests: list[tuple[str, int, int | None]] = field(default_factory=list)
 
-    async def complete(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        n: int,
-        max_tokens: int,
-        seed: int | None = None,
-        thinking_token_budget: int | None = None,
-    ) -> Completion:
-        self.requests.append((str(prompt), max_tokens, thinking_token_budget))
-        return await self.inner.complete(
-            prompt, n=n, max_tokens=max_tokens, seed=seed,
-            thinking_token_budget=thinking_token_budget,
-        )  # fmt: skip
+    async def complete(self, prompt: str | Sequence[int], **request: Any) -> Completion:
+        self.requests.append(
+            (str(prompt), request["max_tokens"], request.get("thinking_token_budget"))
+        )
+        return await self.inner.complete(prompt, **request)
 
     def ready(self) -> bool:
         return True

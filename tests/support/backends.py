@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from clearbudget.daemon.core.ports import Completion, CompletionBackend
 
@@ -15,20 +16,9 @@ class SlowBackend:
         self._inner = inner
         self.delay_s = delay_s
 
-    async def complete(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        n: int,
-        max_tokens: int,
-        seed: int | None = None,
-        thinking_token_budget: int | None = None,
-    ) -> Completion:
+    async def complete(self, prompt: str | Sequence[int], **request: Any) -> Completion:
         await asyncio.sleep(self.delay_s)
-        return await self._inner.complete(
-            prompt, n=n, max_tokens=max_tokens, seed=seed,
-            thinking_token_budget=thinking_token_budget,
-        )  # fmt: skip
+        return await self._inner.complete(prompt, **request)
 
     def ready(self) -> bool:
         return self._inner.ready()
