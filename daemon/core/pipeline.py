@@ -16,7 +16,12 @@ import numpy as np
 import structlog
 
 from clearbudget.daemon.core.metrics import PipelineMetrics
-from clearbudget.daemon.core.policies import AllocationPolicy, Decision, QueryView
+from clearbudget.daemon.core.policies import (
+    AllocationPolicy,
+    ContinuationGain,
+    Decision,
+    QueryView,
+)
 from clearbudget.daemon.core.ports import BackendError, Completion, CompletionBackend, Sample
 from clearbudget.daemon.core.windowing import Window
 from clearbudget.schemas.messages import (
@@ -152,10 +157,10 @@ class WindowPipeline:
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
         await self._dispatch(live, decision, window.window_id, waiting)
-        if decision.recycle:  # clear: what early finishers left may go to its cut chains
+        if decision.continuation is not None:  # clear: what early finishers left, to cut chains
             left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
             free = max(left - carry_room(), 0.0) if carry_room is not None else 0.0
-            await self._recycle(live, left, free, window.window_id, decision.shadow_price)
+            await self._recycle(live, left, free, window.window_id, decision)
         for query in live:
             if query.cut is not None:
                 self._end_cut(query, window.window_id, decision.shadow_price)
@@ -301,13 +306,15 @@ class WindowPipeline:
         )
 
     async def _recycle(
-        self, live: list[_Query], left: float, free: float, window_id: str, price: float
+        self, live: list[_Query], left: float, free: float, window_id: str, decision: Decision
     ) -> None:
         """What a window has left after its continuations (chains that finished early return
         the rest of their allocations) goes to the chains cut at theirs, in equal shares up to
         each query's cap, one more request each, within the window's budget: first the `free`
         tokens the carry-over could not keep anyway, then shares of the rest where they return
         the window's price (`_worth_more`). Not in thinking mode, where such a chain answers."""
+        gain, price = decision.continuation, decision.shadow_price
+        assert gain is not None
         cut = [q for q in live if q.cut is not None and q.cut.prompt is not None]
         if not cut or left < RECYCLE_MIN_TOKENS or self._answer_tokens is not None:
             return
@@ -316,7 +323,7 @@ class WindowPipeline:
         lost_anyway = equal_shares(room_left, min(free, left))
         rest = equal_shares(room_left - lost_anyway, left - float(lost_anyway.sum()))
         extra = [
-            int(f) + (int(r) if _worth_more(q, int(r), price, after=int(f)) else 0)
+            int(f) + (int(r) if _worth_more(q, int(r), price, gain, after=int(f)) else 0)
             for q, f, r in zip(cut, lost_anyway, rest, strict=True)
         ]
         await asyncio.gather(*(
@@ -325,8 +332,9 @@ class WindowPipeline:
         ))  # fmt: skip
 
     async def _continue_cut(self, query: _Query, extra: int, window_id: str, price: float) -> None:
-        """`extra` more tokens for a cut chain; on any failure it stays cut as it was (what
-        the attempt generated is charged all the same)."""
+        """`extra` more tokens for a cut chain; on a backend failure it stays cut as it was
+        (what the attempt generated is charged all the same); it expires if its deadline
+        passes meanwhile."""
         cut = query.cut
         assert cut is not None
         assert cut.prompt is not None
@@ -337,7 +345,10 @@ class WindowPipeline:
         except BackendError as exc:
             query.dispatch_tokens += max(exc.discarded_tokens, 0)
             return
-        except _DeadlinePassed:
+        except _DeadlinePassed:  # it ran `cut.tokens` unfinished: that much is known
+            self._observe(query, cut.tokens, finished=False, answer=None)
+            query.cut = None
+            query.result = _expired(query, window_id, price, "dispatch")
             return
         query.dispatch_tokens += _charge(completion, 1, extra)
         query.allocated += extra
@@ -666,18 +677,17 @@ def _finished_with(probe: Completion | None, answer: str) -> Sample:
     )  # fmt: skip
 
 
-def _worth_more(query: _Query, extra: int, price: float, *, after: int = 0) -> bool:
-    """Whether `extra` more tokens for a chain cut at b (its allocation, plus `after`) return
-    the window's price per token on its curve, given it ran b without finishing: (U(b + e) −
-    U(b)) / e over 1 − U(b) (at least the chance it is still running), times its weight. What
-    is not worth it stays in the budget and carries over to later windows."""
-    curve = query.curve
-    if curve is None or extra <= 0:
+def _worth_more(
+    query: _Query, extra: int, price: float, gain: ContinuationGain, *, after: int = 0
+) -> bool:
+    """Whether `extra` more tokens for a cut chain (plus `after` tokens it gets first) return
+    the window's price per token: the chance `gain` gives that the chain, still running, ends
+    within them with an answer, times its weight, over `extra`. What is not worth it stays in
+    the budget and carries over to later windows."""
+    if query.cut is None or extra <= 0:
         return False
-    b = query.allocated + after
-    gain = curve.value(b + extra) - curve.value(b)
-    still_running = max(1.0 - curve.value(b), 1e-9)
-    return query.request.weight * gain / (extra * still_running) >= price
+    chance = gain(query.request, query.cut.tokens + after, extra)
+    return query.request.weight * chance / extra >= price
 
 
 def _extended(

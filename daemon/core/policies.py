@@ -75,9 +75,10 @@ class Decision:
     plus the window's price, and with tag budgets each group's row and price (λ plus the
     group's premium where its row binds). `curves`: per live query the curve the allocation
     was solved on (None where the query was not priced on one, e.g. answered from its probe);
-    empty when the policy has no curves (the baselines). `recycle`: what this window's
-    continuations leave may go to its chains cut at their allocation (`WindowPipeline._recycle`
-    decides where it returns the price); never for the baselines, whose caps are the policy."""
+    empty when the policy has no curves (the baselines). `continuation`: set when what this
+    window's continuations leave may go to its chains cut at their allocation; it values such a
+    chain's next tokens (`WindowPipeline._recycle` offers them where they return the price).
+    None for the baselines, whose caps are the policy."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
@@ -90,13 +91,20 @@ class Decision:
     tag_budgets: Mapping[str, float] = field(default_factory=dict)
     tag_prices: Mapping[str, float] = field(default_factory=dict)
     curves: tuple[Curve | None, ...] = ()
-    recycle: bool = False
+    continuation: ContinuationGain | None = None
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
         """Fresh chains capped at `tokens`, nothing probed (the baselines)."""
         n = len(tokens)
         return cls(tokens, (None,) * n, (-1,) * n, (None,) * n, 0.0, solver)
+
+
+class ContinuationGain(Protocol):
+    def __call__(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
+        """The chance that the query's chain, `chain_tokens` long and not finished, ends within
+        `extra` more tokens with an answer."""
+        ...
 
 
 class AllocationPolicy(Protocol):
@@ -253,7 +261,7 @@ class ClearPolicy:
         return Decision(
             tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
             result.fallbacks, tag_budgets, tag_prices, _solved_curves(len(queries), index, problem),
-            recycle=rows is None,
+            continuation=self.continuation_gain if rows is None else None,
         )  # fmt: skip
 
     def _allocate(
@@ -296,6 +304,13 @@ class ClearPolicy:
         if rebalanced is None:
             return result, rows.budgets, solved[-1]
         return solve(rebalanced), rebalanced, solved[-1]
+
+    def continuation_gain(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
+        """`ContinuationGain` on the model's own curve of the query given it survived
+        `chain_tokens` (the answer rate falls with length, so a long chain's next tokens are
+        worth less than a fresh one's)."""
+        curves = self.model.curves([query_info(request)], survived=chain_tokens)
+        return float(np.interp(extra, curves.budgets, curves.utility[0]))
 
     def observe(
         self,

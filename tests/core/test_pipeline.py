@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -369,17 +370,24 @@ async def test_a_continued_querys_other_probe_samples_teach_the_model_too() -> N
 
 class RecyclingCaps(UniformPolicy):
     """Fixed caps priced at `price` on one curve for all, with the window's leftover offered to
-    cut chains (as clear's decisions do); remembers what it was told of each chain."""
+    cut chains (as clear's decisions do) valued on a memoryless curve: a running chain ends
+    within e more tokens with an answer with chance 0.9·(1 − e^(−e/1000)), however long it
+    ran. Remembers what it was told of each chain and what the value was asked of."""
 
     def __init__(self, cap: int, price: float = 0.0) -> None:
         super().__init__(cap=cap)
         self.price = price
         self.seen: list[tuple[int, bool]] = []
+        self.asked: list[tuple[str, int, int]] = []
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         curves = tuple(Curve(A=0.9, tau=0.0, beta=1e-3) for _ in queries)
         decision = super().decide(queries, budget)
-        return replace(decision, recycle=True, curves=curves, shadow_price=self.price)
+        return replace(decision, continuation=self.gain, curves=curves, shadow_price=self.price)
+
+    def gain(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
+        self.asked.append((request.id, chain_tokens, extra))
+        return 0.9 * -math.expm1(-extra / 1000)
 
     def observe(self, request: QueryRequest, chain_tokens: int, **outcome: object) -> None:
         self.seen.append((chain_tokens, bool(outcome["finished"])))
@@ -389,11 +397,12 @@ RECYCLED = RolloutPool([record("early", [(100, True)] * 2), record("late", [(150
                         record("never", [(9000, True)] * 2)])  # fmt: skip
 
 
-def recycled_window(*pids: str) -> Window[PendingQuery]:
-    items = tuple(
-        PendingQuery(QueryRequest(id=pid, prompt=prompt_for(RECYCLED.get(f"m/{pid}"))), 0.0)
+def recycled_window(*pids: str, deadline: datetime | None = None) -> Window[PendingQuery]:
+    requests = [
+        QueryRequest(id=pid, prompt=prompt_for(RECYCLED.get(f"m/{pid}")), deadline=deadline)
         for pid in pids
-    )
+    ]
+    items = tuple(PendingQuery(request, 0.0) for request in requests)
     return Window("w-1", 0.0, 2.0, items)
 
 
@@ -428,17 +437,47 @@ async def test_a_chain_that_still_does_not_finish_is_cut_within_the_window_budge
 
 
 async def test_leftover_goes_only_where_it_returns_the_windows_price() -> None:
-    # On U(b) = 0.9·(1 − e^(−b/1000)), 900 more after 1,000 return about 5e-4 per token of a
-    # chain still running: worth it at a price of 1e-4, not at 1e-3 (then it carries over).
+    # 900 more tokens for a running chain return 0.9·(1 − e^(−0.9)) / 900, about 6e-4 per
+    # token: worth it at a price of 1e-4, not at 1e-3 (then they carry over).
     backend = SimulatedBackend(RECYCLED, seed=1)
-    cheap = await pipeline(RecyclingCaps(1000, price=1e-4), backend).run(
-        recycled_window("early", "late"), 2000.0
-    )
+    policy = RecyclingCaps(1000, price=1e-4)
+    cheap = await pipeline(policy, backend).run(recycled_window("early", "late"), 2000.0)
+    assert policy.asked == [("late", 1000, 900)]  # valued as the chain stands, at its length
     dear = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
         recycled_window("early", "late"), 2000.0
     )
     assert [r.tokens_used for r in cheap.results] == [100, 1500]
     assert [r.tokens_used for r in dear.results] == [100, 1000]
+
+
+class SlowAfter:
+    """The simulator, answering its first `fast` requests at once and the rest after 5 s."""
+
+    def __init__(self, inner: SimulatedBackend, fast: int) -> None:
+        self._inner, self._fast = inner, fast
+
+    async def complete(self, prompt: object, **request: Any) -> Completion:
+        self._fast -= 1
+        if self._fast < 0:
+            await asyncio.sleep(5.0)
+        return await self._inner.complete(prompt, **request)  # type: ignore[arg-type]
+
+    def ready(self) -> bool:
+        return True
+
+
+async def test_a_deadline_passing_during_a_cut_chains_extra_request_expires_it() -> None:
+    policy = RecyclingCaps(cap=1000)
+    backend = SlowAfter(SimulatedBackend(RECYCLED, seed=1), fast=2)  # the two dispatches
+    deadline = datetime.now(UTC) + timedelta(seconds=0.3)
+    pipe = WindowPipeline(backend, policy, PipelineMetrics.create(CollectorRegistry()),
+                          max_tokens_per_query=1 << 16)  # fmt: skip
+    outcome = await pipe.run(recycled_window("early", "late", deadline=deadline), 2000.0)
+    early, late = outcome.results
+    assert (early.status, early.tokens_used) == (Status.ANSWERED, 100)
+    assert (late.status, late.reason_code) == (Status.EXPIRED, ReasonCode.DEADLINE)
+    assert "deadline passed during dispatch" in (late.reason or "")
+    assert sorted(policy.seen) == [(100, True), (1000, False)]  # learned as far as it is known
 
 
 @given(
