@@ -17,13 +17,16 @@ class BudgetLedger:
 
     `share` is this replica's fraction of the global rate (its assigned partitions over all
     partitions); unspent tokens carry to later windows, capped at `carry_over_cap_tokens`
-    (times the share) so an idle spell cannot build an unbounded burst.
+    (times the share) so an idle spell cannot build an unbounded burst. A window that spent
+    more than it reserved (the tokens of garbled answers the vLLM pool retried are charged on
+    top of an allocation) leaves a debt the next reservations repay first.
     """
 
     tokens_per_second: float
     carry_over_cap_tokens: float
     share: float = 1.0
     carry: float = 0.0
+    debt: float = 0.0  # overspend not yet taken out of a later window's budget
     # Running totals, for the invariant (reserved − returned ≤ earned) and for metrics.
     earned_total: float = 0.0
     reserved_total: float = 0.0
@@ -58,14 +61,18 @@ class BudgetLedger:
         which it takes (a window starting next sees none of it until this one settles)."""
         earned = self.earned(seconds)
         budget = earned + self.carry
+        repaid = min(self.debt, budget)
+        self.debt -= repaid
+        budget -= repaid
         self.carry = 0.0
         self.earned_total += earned
-        self.reserved_total += budget
+        self.reserved_total += budget + repaid  # the repaid part was spent earlier
         return budget
 
     def settle(self, reserved: float, spent: float) -> float:
         """A window that reserved `reserved` spent `spent`: the rest returns to the carry, up
-        to the cap. Returns the carry now held."""
+        to the cap; spend beyond `reserved` becomes debt. Returns the carry now held."""
+        self.debt += max(spent - reserved, 0.0)
         unspent = max(reserved - spent, 0.0)
         kept = min(self.carry + unspent, self.carry_cap)
         self.returned_total += kept - self.carry
@@ -83,7 +90,7 @@ class BudgetLedger:
     def seconds_until(self, tokens: float, accrued_seconds: float) -> float:
         """How much longer a window that has accrued `accrued_seconds` must wait before its
         reservation holds `tokens` (inf while this replica earns nothing)."""
-        short = tokens - self.carry - self.earned(accrued_seconds)
+        short = tokens + self.debt - self.carry - self.earned(accrued_seconds)
         if short <= 0:
             return 0.0
         rate = self.tokens_per_second * self.share
