@@ -38,7 +38,6 @@ from clearbudget.daemon.kafka.sinks import BrokerHealth, KafkaResultSink, Retryi
 from clearbudget.daemon.settings import Scrubber, Settings
 from clearbudget.daemon.vllm.pool import VllmPool
 from clearbudget.solver.fit import ProbePlan
-from clearbudget.solver.priors import PriorBook
 
 # A poll loop silent for this long means the consumer is stuck (max_poll_interval is 300 s).
 LIVENESS_STALL_S = 120.0
@@ -176,7 +175,7 @@ async def run_daemon(
         # One policy, so one long-lived cvxpy allocator, for the life of the process.
         if policy is None:
             policy = ClearPolicy(
-                ProbePlan(settings.probe_samples, settings.probe_tokens), PriorBook(),
+                ProbePlan(settings.probe_samples, settings.probe_tokens),
                 tag_budgets=tag_budgets, tag_metrics=metrics.tags,
                 remember_queries=DEFAULT_REMEMBERED_QUERIES if settings.feedback_topic else 0,
                 max_tokens_per_query=settings.max_tokens_per_query,

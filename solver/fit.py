@@ -1,18 +1,10 @@
-"""From probe outcomes to the (A, τ, β) curves the allocator needs, one window at a time.
+"""Probes and what they say, shared by the per-query fit (`solver.query_fit`).
 
-A probe is k chains of at most p tokens. Each outcome is finished (length ℓ ≤ p, maybe an answer)
-or censored at p. The fitted curve is for the tokens *beyond* the probe: probe tokens are sunk,
-and dispatch continues the best censored chain, so the curve is conditional on that chain having
-run p tokens without finishing. With k = 0 the curve is the chain's from scratch.
-
-Per query (vectorised over the window):
-  * the tag prior conditional on survival to p (PriorBook, learned online) gives A, τ, β;
-  * the query's own probes rescale β by the posterior mean of a rate multiplier m ~ Gamma(n₀, n₀)
-    under L ~ τ₀ + Exp(m·β₀), normalised so that "all probes censored" leaves the prior unchanged
-    (the tag prior already conditions on one censored chain; k = 1 carries no per-query signal);
-  * a `difficulty_hint` h ∈ [0, 1] scales β by exp(−κ·(h − ½)) (harder ⇒ longer chains);
-  * finished probes that agree give `answer_now` (the query needs no dispatch); disagreement
-    among finished answers lowers A by the share of the majority.
+A probe is k chains of at most p tokens (`ProbePlan`). Each outcome is finished (length ℓ ≤ p,
+maybe an answer) or censored at p (`ProbeOutcome`). Finished probes that agree answer the
+query without dispatch; disagreement among finished answers lowers its curve by the share of
+the majority (`probe_answers`). A window's fit comes back in column form (`WindowFit`) for the
+solver, and `affordable_probes` keeps the probes a budget can pay for.
 """
 
 from __future__ import annotations
@@ -23,10 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from clearbudget.solver.allocate import solve_window
 from clearbudget.solver.answers import consensus
-from clearbudget.solver.priors import PriorBook
-from clearbudget.solver.problem import WindowProblem
 
 __all__ = [
     "CurveEstimate",
@@ -34,8 +23,6 @@ __all__ = [
     "ProbePlan",
     "WindowFit",
     "affordable_probes",
-    "fit_window",
-    "select_probes",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -131,54 +118,9 @@ class WindowFit:
 
 @dataclass(frozen=True, slots=True)
 class FitSettings:
-    """Knobs of the per-query update (defaults are the measured ones)."""
+    """Knobs of the per-query fit."""
 
-    query_strength: float = 2.0  # n₀ of the per-query rate multiplier
-    hint_slope: float = 1.0  # κ: β multiplier exp(−κ(h − ½)) for a difficulty hint h
     agree_votes: int = 2  # finished answers that must agree to answer without dispatch
-
-
-def fit_window(
-    outcomes: Sequence[Sequence[ProbeOutcome]],
-    tags: Sequence[Mapping[str, str]],
-    hints: Sequence[float | None] | None,
-    plan: ProbePlan,
-    priors: PriorBook,
-    settings: FitSettings | None = None,
-) -> WindowFit:
-    """Fit every query of a window (see the module docstring); vectorised over queries."""
-    s = settings or FitSettings()
-    n = len(outcomes)
-    check_outcomes(outcomes, tags, hints, plan)
-    finished, lengths = outcome_matrix(outcomes, plan)
-    a, tau, beta = priors.priors(tags, survived=plan.tokens if plan.enabled else 0)
-    if plan.enabled:
-        _, tau0, beta0 = priors.priors(tags, survived=0)
-        beta = beta * _rate_multiplier(finished, lengths, tau0, beta0, plan, s.query_strength)
-    beta = beta * _hint_factor(hints, n, s.hint_slope)
-    answer_now, fallback, agreement = probe_answers(outcomes, s.agree_votes)
-    a = a * agreement
-    censored = ~finished & (lengths >= 0)
-    has_chain = censored.any(axis=1) if plan.enabled else np.ones(n, dtype=bool)
-    continue_from = (
-        np.where(has_chain, np.argmax(censored, axis=1), -1)
-        if plan.enabled
-        else (np.full(n, -1, dtype=np.int64))
-    )
-    # No censored chain left means every probe finished: answer with what they said.
-    answer_now = tuple(
-        ans if ans is not None or has_chain[i] else fallback[i] for i, ans in enumerate(answer_now)
-    )
-    a = np.where(has_chain, a, 0.0)
-    return WindowFit(
-        a=np.clip(a, 0.0, 1.0),
-        tau=np.maximum(tau, 0.0),
-        beta=beta,
-        answer_now=answer_now,
-        fallback_answer=fallback,
-        continue_from=continue_from.astype(np.int64),
-        probe_tokens=np.where(lengths >= 0, lengths, 0).sum(axis=1).astype(np.int64),
-    )
 
 
 def check_outcomes(
@@ -222,28 +164,6 @@ def outcome_matrix(
     return finished, lengths
 
 
-def _rate_multiplier(
-    finished: NDArray[np.bool_],
-    lengths: NDArray[np.int64],
-    tau0: FloatArray,
-    beta0: FloatArray,
-    plan: ProbePlan,
-    n0: float,
-) -> FloatArray:
-    """Posterior mean of the query's rate multiplier, relative to all-probes-censored."""
-    d = finished.sum(axis=1)
-    exposure = np.maximum(np.minimum(lengths, plan.tokens) - tau0[:, None], 0.0).sum(axis=1)
-    all_censored = plan.samples * np.maximum(plan.tokens - tau0, 0.0)
-    return (n0 + d) / (n0 + beta0 * exposure) * (n0 + beta0 * all_censored) / n0
-
-
-def _hint_factor(hints: Sequence[float | None] | None, n: int, slope: float) -> FloatArray:
-    if hints is None:
-        return np.ones(n)
-    h = np.array([0.5 if x is None else x for x in hints], dtype=np.float64)
-    return np.exp(-slope * (h - 0.5))
-
-
 def probe_answers(
     outcomes: Sequence[Sequence[ProbeOutcome]], agree_votes: int
 ) -> tuple[tuple[str | None, ...], tuple[str | None, ...], FloatArray]:
@@ -258,37 +178,6 @@ def probe_answers(
         if vote.cast and not vote.unanimous:
             factor[i] = vote.votes / vote.cast
     return tuple(now), tuple(fallback), factor
-
-
-def select_probes(
-    tags: Sequence[Mapping[str, str]],
-    hints: Sequence[float | None] | None,
-    budget: float,
-    priors: PriorBook,
-    *,
-    settings: FitSettings | None = None,
-    max_tokens: float = 32768.0,
-    probe_cost: float = 0.0,
-) -> NDArray[np.bool_]:
-    """Which queries are worth probing: those the allocator would fund on prior curves alone,
-    and no more than the budget can pay a probe of `probe_cost` tokens for.
-
-    Solving the window on the from-scratch curves (survived = 0) abandons the queries that cannot
-    return the window's price per token; probing them would spend tokens on chains that are never
-    continued. When the budget is ample every query is selected; when it cannot pay every funded
-    query's probe, the best-funded ones keep theirs.
-    """
-    s = settings or FitSettings()
-    n = len(tags)
-    if n == 0 or budget <= 0:
-        return np.zeros(n, dtype=bool)
-    a, tau, beta = priors.priors(tags, survived=0)
-    beta = beta * _hint_factor(hints, n, s.hint_slope)
-    problem = WindowProblem.create(
-        [str(i) for i in range(n)], a, tau, beta, budget, cap=np.full(n, max_tokens)
-    )
-    allocations = solve_window(problem, method="closed_form").allocations
-    return affordable_probes(allocations, budget, probe_cost)
 
 
 def affordable_probes(

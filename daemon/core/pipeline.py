@@ -467,7 +467,7 @@ class WindowPipeline:
         )
 
     def _observe_probe_only(self, query: _Query, except_sample: int = -1) -> None:
-        """Chains that never reach dispatch still teach the priors (finished or censored):
+        """Chains that never reach dispatch still teach the model (finished or censored):
         all of a query's probe samples, but the one being continued (observed when it ends)."""
         for j, outcome in enumerate(query.outcomes):
             if j != except_sample:

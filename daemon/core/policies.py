@@ -21,10 +21,8 @@ from clearbudget.daemon.core.tags import TagBudgets, TagRows
 from clearbudget.schemas.messages import Curve, QueryRequest
 from clearbudget.solver.allocate import solve_window
 from clearbudget.solver.cvx import CvxpyAllocator
-from clearbudget.solver.difficulty import HINT_LEVEL, DifficultyModel, Observation, QueryInfo
+from clearbudget.solver.difficulty import DifficultyModel, Observation, QueryInfo
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
-from clearbudget.solver.hazards import DEFAULT_LEVELS
-from clearbudget.solver.priors import PriorBook
 from clearbudget.solver.problem import AllocationResult, WindowProblem
 from clearbudget.solver.query_fit import (
     CurveWindow,
@@ -144,7 +142,6 @@ class ClearPolicy:
     def __init__(
         self,
         plan: ProbePlan,
-        priors: PriorBook | None = None,
         *,
         model: DifficultyModel | None = None,
         tag_budgets: TagBudgets | None = None,
@@ -154,8 +151,8 @@ class ClearPolicy:
         max_tokens_per_query: int = SELECTION_HORIZON,
         adaptive_probes: bool = True,
     ) -> None:
-        """`priors` is accepted for callers written against the per-tag book: its tag levels
-        become the model's (plus the hint level); the model learns everything else itself.
+        """`model`: the per-query difficulty model (default: a fresh one, learning from
+        nothing).
 
         `remember_queries`: how many recent queries' observations to keep for graded
         feedback (`feedback`; `daemon.core.feedback.DEFAULT_REMEMBERED_QUERIES` when a
@@ -174,8 +171,7 @@ class ClearPolicy:
         self._plan = plan
         self._horizon = min(max_tokens_per_query, SELECTION_HORIZON)
         self._adaptive_probes = adaptive_probes
-        levels = (*priors.levels, HINT_LEVEL) if priors is not None else DEFAULT_LEVELS
-        self.model = model or DifficultyModel(levels=levels)
+        self.model = model or DifficultyModel()
         self.tag_budgets = tag_budgets
         self._tag_metrics = tag_metrics
         self._allocator = allocator

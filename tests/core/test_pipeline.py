@@ -32,7 +32,6 @@ from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, Rollo
 from clearbudget.daemon.replay.simulator import SimulatedBackend, grade, prompt_for
 from clearbudget.schemas.messages import Curve, QueryRequest, ReasonCode, Status
 from clearbudget.solver.fit import ProbePlan
-from clearbudget.solver.priors import PriorBook
 from clearbudget.solver.rounding import equal_shares
 from tests.support.backends import SlowBackend
 
@@ -107,7 +106,7 @@ async def test_oracle_caps_per_query() -> None:
 
 async def test_clear_probes_continue_the_same_chain_and_stay_within_budget() -> None:
     registry = CollectorRegistry()
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     budget = 2000.0
     outcome = await pipeline(policy, registry=registry).run(
         window("easy", "mid", "hard", "wrong"), budget
@@ -132,7 +131,7 @@ async def test_clear_probes_continue_the_same_chain_and_stay_within_budget() -> 
 
 
 async def test_zero_budget_abandons_unprobed_with_the_price() -> None:
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     outcome = await pipeline(policy).run(window("mid", "hard"), 0.0)
     assert {r.status for r in outcome.results} == {Status.ABANDONED}
     assert all(r.shadow_price is not None for r in outcome.results)
@@ -142,7 +141,7 @@ async def test_zero_budget_abandons_unprobed_with_the_price() -> None:
 
 
 async def test_a_query_priced_out_in_a_backlog_says_so() -> None:
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     outcome = await pipeline(policy).run(window("mid", "hard"), 0.0, waiting=5000)
     assert all("backlog: 5000 queries waiting" in (r.reason or "") for r in outcome.results)
 
@@ -171,7 +170,7 @@ class FailingBackend:
 
 
 @pytest.mark.parametrize(
-    "policy", [UniformPolicy(cap=500), ClearPolicy(ProbePlan(1, 256), PriorBook())]
+    "policy", [UniformPolicy(cap=500), ClearPolicy(ProbePlan(1, 256))]
 )
 async def test_backend_failure_ends_in_failed_with_reason(policy: AllocationPolicy) -> None:
     registry = CollectorRegistry()
@@ -182,7 +181,7 @@ async def test_backend_failure_ends_in_failed_with_reason(policy: AllocationPoli
 
 
 async def test_a_failed_query_is_charged_what_its_attempts_generated() -> None:
-    policy = ClearPolicy(ProbePlan(1, 256), PriorBook())
+    policy = ClearPolicy(ProbePlan(1, 256))
     outcome = await pipeline(policy, FailingBackend(discarded=77)).run(window("easy"), 1e6)
     (result,) = outcome.results
     assert (result.status, result.tokens_used, result.tokens_probe) == (Status.FAILED, 77, 77)
@@ -192,7 +191,7 @@ async def test_a_failed_query_is_charged_what_its_attempts_generated() -> None:
 async def test_max_tokens_below_the_probe_ends_in_the_probe() -> None:
     """Found by the broker fuzz test: a query capped under the probe length must not break the
     window; its probe is cut at its own cap and nothing is left to dispatch."""
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     mid, easy = prompt_for(POOL.get("m/mid")), prompt_for(POOL.get("m/easy"))
     items = (
         PendingQuery(QueryRequest(id="tiny", prompt=mid, max_tokens=2), 0.0),
@@ -208,7 +207,7 @@ async def test_max_tokens_below_the_probe_ends_in_the_probe() -> None:
 
 
 async def test_several_probe_samples_together_stay_within_max_tokens() -> None:
-    policy = ClearPolicy(ProbePlan(samples=2, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=2, tokens=256))
     mid = prompt_for(POOL.get("m/mid"))
     items = (PendingQuery(QueryRequest(id="capped", prompt=mid, max_tokens=300), 0.0),)
     outcome = await pipeline(policy).run(Window("w-3", 0.0, 2.0, items), 1e6)
@@ -219,7 +218,7 @@ async def test_several_probe_samples_together_stay_within_max_tokens() -> None:
 async def test_a_probe_cut_by_the_querys_own_cap_ends_the_query_in_the_probe() -> None:
     """Found by hypothesis: 2 samples within max_tokens=3 run 1 token each; the fit must not
     read them as censored 16-token probes."""
-    policy = ClearPolicy(ProbePlan(samples=2, tokens=16), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=2, tokens=16))
     mid = prompt_for(POOL.get("m/mid"))
     items = (PendingQuery(QueryRequest(id="tiny", prompt=mid, max_tokens=3), 0.0),)
     outcome = await pipeline(policy).run(Window("w-4", 0.0, 2.0, items), 32.0)
@@ -272,7 +271,7 @@ async def test_dispatch_continues_the_chosen_chain_and_falls_back_on_the_probes_
 
 @pytest.mark.parametrize("budget", [0.0, 12.0, 32.0, 255.0, 300.0, 700.0])
 async def test_probes_never_cost_more_than_the_window_budget(budget: float) -> None:
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     outcome = await pipeline(policy).run(window("mid", "hard", "mid", "hard"), budget)
     assert outcome.report.probe_tokens <= budget
     assert outcome.report.spent_tokens <= budget
@@ -301,7 +300,7 @@ class OneBadResponse:
 
 @pytest.mark.parametrize("how", ["usage", "chains"])
 @pytest.mark.parametrize(
-    "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256), PriorBook())]
+    "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256))]
 )
 async def test_one_malformed_response_fails_its_query_not_the_window(
     how: str, policy: AllocationPolicy
@@ -317,7 +316,7 @@ async def test_one_malformed_response_fails_its_query_not_the_window(
 
 
 @pytest.mark.parametrize(
-    "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256), PriorBook())]
+    "policy", [UniformPolicy(cap=700), ClearPolicy(ProbePlan(1, 256))]
 )
 async def test_a_deadline_passing_mid_request_expires_the_query(policy: AllocationPolicy) -> None:
     deadline = datetime.now(UTC) + timedelta(seconds=0.2)
@@ -336,7 +335,7 @@ async def test_an_early_answer_keeps_the_text_of_a_probe_that_gave_it() -> None:
     sample = RolloutSample(tokens=100, correct=True, answer="7.0")
     pool = RolloutPool([RolloutRecord("m", "b", "p", 10, "7", (sample, sample))])
     request = QueryRequest(id="q", prompt=prompt_for(pool.records[0]))
-    clear = ClearPolicy(ProbePlan(samples=2, tokens=256), PriorBook())
+    clear = ClearPolicy(ProbePlan(samples=2, tokens=256))
     outcome = await pipeline(clear, SimulatedBackend(pool, seed=1)).run(
         Window("w-1", 0.0, 2.0, (PendingQuery(request, arrived_at=0.0),)), 1e6
     )
@@ -355,7 +354,7 @@ async def test_a_continued_querys_other_probe_samples_teach_the_model_too() -> N
 
     pool = RolloutPool([record("two", [(100, True), (600, True)])])
     items = (PendingQuery(QueryRequest(id="q", prompt=prompt_for(pool.get("m/two"))), 0.0),)
-    policy = Watching(ProbePlan(samples=2, tokens=256), PriorBook())
+    policy = Watching(ProbePlan(samples=2, tokens=256))
     backend = SimulatedBackend(pool, seed=1)
     registry = CollectorRegistry()
     outcome = await WindowPipeline(

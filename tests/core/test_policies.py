@@ -27,7 +27,6 @@ from clearbudget.daemon.replay.traces import Arrival
 from clearbudget.schemas.messages import QueryRequest, Status
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 from clearbudget.solver.memory import ANSWER, NO_ANSWER, prompt_key
-from clearbudget.solver.priors import PriorBook
 
 PLAN = ProbePlan(samples=1, tokens=256)
 
@@ -113,11 +112,6 @@ async def test_the_pipeline_hands_clear_the_answers_it_learns_agreement_from() -
     remembered = policy.model.memory.chains(prompt_key(req.prompt, req.tags))
     assert remembered.shape[0] == 2
     assert np.all(remembered[:, ANSWER] != NO_ANSWER)  # the extracted answer, not just a flag
-
-
-def test_a_prior_book_passed_in_sets_the_tag_levels() -> None:
-    policy = ClearPolicy(PLAN, PriorBook(levels=("task",)))
-    assert policy.model.book.levels == ("task", "hint")
 
 
 def test_hints_reach_requests_and_one_chain_pools_replay_one_lap(tmp_path: Path) -> None:

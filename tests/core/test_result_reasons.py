@@ -40,7 +40,6 @@ from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, Rollo
 from clearbudget.daemon.replay.simulator import SimulatedBackend, prompt_for
 from clearbudget.schemas.messages import Curve, QueryRequest, QueryResult, ReasonCode, Status
 from clearbudget.solver.fit import ProbePlan
-from clearbudget.solver.priors import PriorBook
 from tests.core.test_pipeline import FailingBackend, OneBadResponse
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -140,7 +139,7 @@ async def test_oracle_zero_cap_is_insolvent_with_no_curve() -> None:
 
 async def test_clear_funded_queries_carry_the_curve_they_were_priced_on() -> None:
     requests = [request("easy", "e"), request("mid", "m"), request("hard", "h")]
-    results = await run(ClearPolicy(PLAN, PriorBook()), requests, budget=3000.0)
+    results = await run(ClearPolicy(PLAN), requests, budget=3000.0)
     easy = results["e"]  # finished inside its probe: answered without a solve
     assert (easy.reason_code, easy.curve, easy.expected_accuracy) == (
         ReasonCode.PROBE_ANSWERED, None, None
@@ -161,7 +160,7 @@ async def test_clear_funded_queries_carry_the_curve_they_were_priced_on() -> Non
 
 
 async def test_priced_out_before_the_probe_differs_from_priced_out_after_it() -> None:
-    before = await run(ClearPolicy(PLAN, PriorBook()), [request("mid", "a")], budget=0.0)
+    before = await run(ClearPolicy(PLAN), [request("mid", "a")], budget=0.0)
     assert before["a"].reason_code is ReasonCode.INSOLVENT_BEFORE_PROBE
     assert (before["a"].tokens_used, before["a"].curve) == (0, None)
     assert "before a probe" in (before["a"].reason or "")
@@ -209,7 +208,7 @@ async def test_a_cut_chain_answered_by_its_probes_says_so() -> None:
 
 async def test_a_cap_spent_in_the_probe_is_its_own_code() -> None:
     requests = [request("mid", "tiny", max_tokens=2), request("easy", "short", max_tokens=150)]
-    results = await run(ClearPolicy(PLAN, PriorBook()), requests)
+    results = await run(ClearPolicy(PLAN), requests)
     assert codes(results) == {
         "tiny": ReasonCode.CAP_SPENT_IN_PROBE, "short": ReasonCode.PROBE_ANSWERED
     }  # fmt: skip
@@ -306,7 +305,7 @@ def test_every_result_adds_up_and_explains_itself(
     budget: float,
 ) -> None:
     kind, uniform_cap, plan = choice
-    policy = UniformPolicy(uniform_cap) if kind == "uniform" else ClearPolicy(plan, PriorBook())
+    policy = UniformPolicy(uniform_cap) if kind == "uniform" else ClearPolicy(plan)
     pool = RolloutPool([record(f"p{i}", c) for i, c in enumerate(pool_chains)])
     requests = [
         request(f"p{rec}", f"q{i}", pool, max_tokens=cap, weight=weight, deadline=deadline)

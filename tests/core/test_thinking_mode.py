@@ -26,7 +26,6 @@ from clearbudget.daemon.replay.simulator import (
 )
 from clearbudget.schemas.messages import QueryRequest, ReasonCode, Status
 from clearbudget.solver.fit import ProbePlan
-from clearbudget.solver.priors import PriorBook
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 ANSWER_TOKENS = 100
@@ -123,7 +122,7 @@ async def test_max_tokens_mode_sends_no_thinking_budget() -> None:
 
 async def test_a_continued_probe_counts_its_thinking_so_far() -> None:
     backend = Recording(SimulatedBackend(POOL, seed=1))
-    policy = ClearPolicy(ProbePlan(samples=1, tokens=256), PriorBook())
+    policy = ClearPolicy(ProbePlan(samples=1, tokens=256))
     outcome = await pipeline(policy, backend, thinking=True).run(window("mid", "hard"), 4000.0)
     continuations = [(p, m, t) for p, m, t in backend.requests if find_marker(p) is not None]
     assert continuations, "no probe was continued"
