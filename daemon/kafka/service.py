@@ -70,6 +70,8 @@ class Consumer(Protocol):
 
     def highwater(self, partition: TopicPartition) -> int | None: ...
 
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+
 
 @dataclass
 class DaemonState:
@@ -105,10 +107,15 @@ class Daemon:
         broker_health: BrokerHealth | None = None,
         backend_ready: Callable[[], bool] = lambda: True,
         window_id_prefix: str = "w",
+        broker_check_interval_s: float = BROKER_CHECK_INTERVAL_S,
     ) -> None:
         self._consumer = consumer
         self.broker_health = broker_health or BrokerHealth()
         self._last_broker_check = 0.0
+        self._broker_check_interval_s = broker_check_interval_s
+        # End offsets asked for while paused: a paused partition is not fetched, so the
+        # consumer's highwater (learned from fetches) stops moving and the lag would freeze.
+        self._end_offsets: dict[TopicPartition, int] = {}
         self._sink = sink
         self._pipeline = pipeline
         self._ledger = ledger
@@ -193,13 +200,21 @@ class Daemon:
 
     async def _maybe_check_broker(self) -> None:
         """`getmany` hides a lost broker (it just returns nothing): ask for metadata now and
-        then, so /readyz turns red during an outage and green when the broker is back."""
+        then, so /readyz turns red during an outage and green when the broker is back. While
+        paused, ask for the end offsets too, so the lag keeps counting what arrives."""
         now = self._clock()
-        if now - self._last_broker_check < BROKER_CHECK_INTERVAL_S:
+        if now - self._last_broker_check < self._broker_check_interval_s:
             return
         self._last_broker_check = now
         try:
             await asyncio.wait_for(self._consumer.topics(), BROKER_CHECK_TIMEOUT_S)
+            if self._paused:
+                partitions = list(self._consumer.assignment())
+                ends = await asyncio.wait_for(
+                    self._consumer.end_offsets(partitions), BROKER_CHECK_TIMEOUT_S
+                )
+                self._end_offsets.update(ends)
+                self._metrics.lag.set(self._lag())
         except (KafkaError, TimeoutError) as exc:
             self.broker_health.down(exc)
         else:
@@ -213,9 +228,11 @@ class Daemon:
         """Records waiting in the assigned partitions past what this replica has read."""
         lag = 0
         for tp in self._consumer.assignment():
-            end, read = self._consumer.highwater(tp), self._offsets.next_offset(tp)
-            if end is not None and read is not None:
-                lag += max(end - read, 0)
+            ends = (self._consumer.highwater(tp), self._end_offsets.get(tp))
+            known = [end for end in ends if end is not None]
+            read = self._offsets.next_offset(tp)
+            if known and read is not None:
+                lag += max(max(known) - read, 0)
         return lag
 
     def _apply_backpressure(self) -> None:

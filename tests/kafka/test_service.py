@@ -102,6 +102,9 @@ class MemoryConsumer:
     def highwater(self, partition: TopicPartition) -> int | None:
         return len(self.logs[partition]) if partition in self._assigned else None
 
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.logs[tp]) for tp in partitions}
+
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         return {tp.partition for tp in self.logs} if topic == TOPIC else None
 
@@ -134,9 +137,10 @@ def make_daemon(
     *,
     policy: AllocationPolicy | None = None,
     ledger: BudgetLedger | None = None,
+    registry: CollectorRegistry | None = None,
     **kwargs: Any,
 ) -> Daemon:
-    metrics = PipelineMetrics.create(CollectorRegistry())
+    metrics = PipelineMetrics.create(registry or CollectorRegistry())
     pipeline = WindowPipeline(
         backend or SimulatedBackend(POOL),
         policy or UniformPolicy(cap=500),
@@ -243,6 +247,50 @@ async def test_windows_in_flight_stay_bounded_and_the_partitions_pause() -> None
     await task
     assert consumer.committed == {TopicPartition(TOPIC, 0): 40}
     assert sink.most_waiting == 1  # one batch closed 20 windows; one ran at a time
+
+
+class FetchedHighwater(MemoryConsumer):
+    """Like aiokafka's: the highwater is what the last fetch of the partition said."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.fetched_ends: dict[TopicPartition, int] = {}
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        batch = await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+        for tp in self._assigned - self.paused:
+            self.fetched_ends[tp] = len(self.logs[tp])
+        return batch
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        return self.fetched_ends.get(partition)
+
+
+async def test_the_lag_keeps_counting_what_arrives_while_the_partitions_are_paused() -> None:
+    consumer, sink = FetchedHighwater(partitions=1), MemorySink()
+    ready = True
+    registry = CollectorRegistry()
+    daemon = make_daemon(consumer, sink, backend_ready=lambda: ready,
+                         broker_check_interval_s=0.05, registry=registry)  # fmt: skip
+    lag = registry.get_sample_value
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    for i in range(5):
+        consumer.append(0, query(i))
+    await until(lambda: len(sink.results) == 5)
+    ready = False  # no pod: the loop pauses its partitions
+    await until(lambda: bool(consumer.paused))
+    for i in range(5, 35):
+        consumer.append(0, query(i))
+    await until(lambda: lag("clear_consumer_lag") == 30)
+    assert consumer.highwater(TopicPartition(TOPIC, 0)) == 5  # no fetch told it of the 30
+    ready = True
+    await until(lambda: len(sink.results) == 35)
+    await until(lambda: lag("clear_consumer_lag") == 0)
+    stop.set()
+    await task
 
 
 @pytest.mark.parametrize("in_flight", [4, 1])
