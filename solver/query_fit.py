@@ -39,6 +39,7 @@ from clearbudget.solver.surge_fit import curve_price, fit_at_price, fit_surge
 __all__ = [
     "CurveWindow",
     "allocate_curves",
+    "continuation_chance",
     "curve_problem",
     "fit_queries",
     "plan_probes",
@@ -308,6 +309,26 @@ def _fit_queries(
         probe_tokens=lengths.sum(axis=1).astype(np.int64),
     )
     return CurveWindow(fit, curves.budgets, utility)
+
+
+def continuation_chance(
+    model: DifficultyModel,
+    query: QueryInfo,
+    outcomes: Sequence[ProbeOutcome],
+    continued: int,
+    chain_tokens: int,
+    extra: int,
+    settings: FitSettings | None = None,
+) -> float:
+    """The chance that the query's chain (extending probe sample `continued`; −1: a fresh
+    chain), `chain_tokens` long and not finished, ends within `extra` more tokens with an
+    answer: its curve as `fit_queries` draws it (the other probe samples as its siblings,
+    scaled by how their finished answers agree), given it survived that far."""
+    s = settings or FitSettings()
+    siblings = _siblings([outcomes], np.array([continued], np.int64))
+    curves = model.curves([query], chain_tokens, siblings)
+    _, _, agreement = probe_answers([outcomes], s.agree_votes)
+    return float(np.interp(extra, curves.budgets, curves.utility[0]) * agreement[0])
 
 
 def _siblings(

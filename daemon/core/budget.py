@@ -50,8 +50,9 @@ class BudgetLedger:
         return self.carry_over_cap_tokens * self.share
 
     def carry_room(self) -> float:
-        """How many more unspent tokens the carry-over can take now (the rest is lost)."""
-        return max(self.carry_cap - self.carry, 0.0)
+        """How many more unspent tokens the carry-over can take now, a debt's repayment
+        included (the rest is lost)."""
+        return max(self.carry_cap - self.carry, 0.0) + self.debt
 
     def earned(self, seconds: float) -> float:
         return self.tokens_per_second * self.share * max(seconds, 0.0)
@@ -70,11 +71,14 @@ class BudgetLedger:
         return budget
 
     def settle(self, reserved: float, spent: float) -> float:
-        """A window that reserved `reserved` spent `spent`: the rest returns to the carry, up
-        to the cap; spend beyond `reserved` becomes debt. Returns the carry now held."""
+        """A window that reserved `reserved` spent `spent`: the rest repays any debt, then
+        returns to the carry, up to the cap; spend beyond `reserved` becomes debt. Returns the
+        carry now held."""
         self.debt += max(spent - reserved, 0.0)
         unspent = max(reserved - spent, 0.0)
-        kept = min(self.carry + unspent, self.carry_cap)
+        repaid = min(self.debt, unspent)  # consumed: paid for an earlier overspend
+        self.debt -= repaid
+        kept = min(self.carry + unspent - repaid, self.carry_cap)
         self.returned_total += kept - self.carry
         self.carry = kept
         return self.carry

@@ -80,6 +80,7 @@ class PipelineMetrics:
     in_flight: Gauge
     budget_share: Gauge
     budget_carry: Gauge
+    budget_debt: Gauge
     budget_earned: Counter
     lag: Gauge
     tags: TagMetrics
@@ -155,6 +156,12 @@ class PipelineMetrics:
             budget_carry=Gauge(
                 "clear_budget_carry_tokens",
                 "Unspent budget held for the next windows (the bucket level between windows).",
+                registry=registry,
+            ),
+            budget_debt=Gauge(
+                "clear_budget_debt_tokens",
+                "Overspend (retried garbled answers charged on top of allocations) the next "
+                "windows' budgets still have to repay.",
                 registry=registry,
             ),
             budget_earned=Counter(

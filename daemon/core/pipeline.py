@@ -93,6 +93,8 @@ class _Query:
     dispatch_tokens: int = 0
     allocated: int = 0
     curve: Curve | None = None  # the curve the allocation priced it on, if any
+    continued: int = -1  # the probe sample its continuation extends (−1: none or fresh)
+    samples_pending: bool = False  # its probe samples but `continued` are still to be learned
     cut: _Cut | None = None  # its chain ran out at its allocation: may get more (`_recycle`)
     result: QueryResult | None = None
 
@@ -164,6 +166,8 @@ class WindowPipeline:
         for query in live:
             if query.cut is not None:
                 self._end_cut(query, window.window_id, decision.shadow_price)
+            if query.samples_pending:  # its other probe samples, now that its chain is over
+                self._observe_probe_only(query, except_sample=query.continued)
         self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
         for query in skipped:
             query.result = _insolvent(
@@ -251,8 +255,10 @@ class WindowPipeline:
             elif tokens <= 0:
                 query.result = _insolvent(query, window_id, price, waiting)
             else:
-                chain = _probe_sample(query.probe, decision.continue_from[i])
-                self._observe_probe_only(query, except_sample=decision.continue_from[i])
+                # Its other probe samples are learned once its chain is over (`run`): until
+                # then the policy values the chain with them as its siblings, as it did here.
+                query.continued, query.samples_pending = decision.continue_from[i], True
+                chain = _probe_sample(query.probe, query.continued)
                 fallback = decision.fallback_answer[i]
                 await self._continue(query, tokens, chain, fallback, window_id, price)
 
@@ -333,8 +339,8 @@ class WindowPipeline:
 
     async def _continue_cut(self, query: _Query, extra: int, window_id: str, price: float) -> None:
         """`extra` more tokens for a cut chain; on a backend failure it stays cut as it was
-        (what the attempt generated is charged all the same); it expires if its deadline
-        passes meanwhile."""
+        (what the attempt generated is charged all the same); if its deadline passes
+        meanwhile it expires, unless its finished probes gave an answer to end with."""
         cut = query.cut
         assert cut is not None
         assert cut.prompt is not None
@@ -345,11 +351,12 @@ class WindowPipeline:
         except BackendError as exc:
             query.dispatch_tokens += max(exc.discarded_tokens, 0)
             return
-        except _DeadlinePassed:  # it ran `cut.tokens` unfinished: that much is known
-            self._observe(query, cut.tokens, finished=False, answer=None)
-            query.cut = None
-            query.result = _expired(query, window_id, price, "dispatch")
-            return
+        except _DeadlinePassed:
+            if cut.fallback is None:  # it ran `cut.tokens` unfinished: that much is known
+                self._observe(query, cut.tokens, finished=False, answer=None)
+                query.cut = None
+                query.result = _expired(query, window_id, price, "dispatch")
+            return  # else it ends as it was, answered with what its finished probes agreed on
         query.dispatch_tokens += _charge(completion, 1, extra)
         query.allocated += extra
         if _inconsistency(completion, 1, extra) is not None:
@@ -680,14 +687,21 @@ def _finished_with(probe: Completion | None, answer: str) -> Sample:
 def _worth_more(
     query: _Query, extra: int, price: float, gain: ContinuationGain, *, after: int = 0
 ) -> bool:
-    """Whether `extra` more tokens for a cut chain (plus `after` tokens it gets first) return
-    the window's price per token: the chance `gain` gives that the chain, still running, ends
-    within them with an answer, times its weight, over `extra`. What is not worth it stays in
-    the budget and carries over to later windows."""
+    """Whether `extra` more tokens for a cut chain, on top of `after` tokens it gets in the
+    same request, return the window's price per token: what they add to the chance `gain`
+    gives that the chain, as it stands, ends within the request with an answer, times its
+    weight, over `extra`. What is not worth it stays in the budget and carries over."""
     if query.cut is None or extra <= 0:
         return False
-    chance = gain(query.request, query.cut.tokens + after, extra)
-    return query.request.weight * chance / extra >= price
+
+    def chance(tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        assert query.cut is not None
+        return gain(query.request, query.outcomes, query.continued, query.cut.tokens, tokens)
+
+    added = chance(after + extra) - chance(after)
+    return query.request.weight * added / extra >= price
 
 
 def _extended(

@@ -26,6 +26,7 @@ from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 from clearbudget.solver.problem import AllocationResult, WindowProblem
 from clearbudget.solver.query_fit import (
     CurveWindow,
+    continuation_chance,
     curve_problem,
     fit_queries,
     plan_probes,
@@ -99,9 +100,17 @@ class Decision:
 
 
 class ContinuationGain(Protocol):
-    def __call__(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
-        """The chance that the query's chain, `chain_tokens` long and not finished, ends within
-        `extra` more tokens with an answer."""
+    def __call__(
+        self,
+        request: QueryRequest,
+        outcomes: Sequence[ProbeOutcome],
+        continued: int,
+        chain_tokens: int,
+        extra: int,
+    ) -> float:
+        """The chance that the query's chain (extending its probe sample `continued`; −1: a
+        fresh chain), `chain_tokens` long and not finished, ends within `extra` more tokens
+        with an answer."""
         ...
 
 
@@ -301,12 +310,20 @@ class ClearPolicy:
             return result, rows.budgets, solved[-1]
         return solve(rebalanced), rebalanced, solved[-1]
 
-    def continuation_gain(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
-        """`ContinuationGain` on the model's own curve of the query given it survived
-        `chain_tokens` (the answer rate falls with length, so a long chain's next tokens are
-        worth less than a fresh one's)."""
-        curves = self.model.curves([query_info(request)], survived=chain_tokens)
-        return float(np.interp(extra, curves.budgets, curves.utility[0]))
+    def continuation_gain(
+        self,
+        request: QueryRequest,
+        outcomes: Sequence[ProbeOutcome],
+        continued: int,
+        chain_tokens: int,
+        extra: int,
+    ) -> float:
+        """`ContinuationGain` on the curve the window priced the query on, given the chain
+        survived `chain_tokens` (the answer rate falls with length, so a long chain's next
+        tokens are worth less than a fresh one's); `solver.query_fit.continuation_chance`."""
+        return continuation_chance(
+            self.model, query_info(request), outcomes, continued, chain_tokens, extra
+        )
 
     def observe(
         self,

@@ -320,6 +320,7 @@ class Daemon:
         budget = self._ledger.reserve(seconds)
         self._metrics.budget_earned.inc(self._ledger.earned_total - earned_before)
         self._metrics.budget_carry.set(self._ledger.carry)
+        self._metrics.budget_debt.set(self._ledger.debt)
         return budget
 
     def _resize_windows(self) -> None:
@@ -358,6 +359,7 @@ class Daemon:
             self._running.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._ledger.settle(budget, outcome.report.spent_tokens)
             self._metrics.budget_carry.set(self._ledger.carry)
+            self._metrics.budget_debt.set(self._ledger.debt)
             self.state.windows_done += 1
             if holds_slot:  # the report is best-effort: the next window need not wait for it
                 self._slots.release()

@@ -91,4 +91,13 @@ def test_an_overspent_window_is_repaid_by_the_next_ones() -> None:
     assert ledger.reserve(2.0) == 0.0  # 200 earned, all of it repays
     assert ledger.reserve(2.0) == 150.0  # the last 50, then the rest is this window's
     assert ledger.debt == 0.0
-    assert ledger.outstanding <= ledger.earned_total
+
+
+def test_a_window_that_spends_less_repays_a_debt_before_it_carries_anything() -> None:
+    ledger = BudgetLedger(tokens_per_second=100.0, carry_over_cap_tokens=300.0)
+    first, second = ledger.reserve(2.0), ledger.reserve(10.0)  # 200 and 1,000, overlapping
+    ledger.settle(first, first + 250.0)
+    assert ledger.carry_room() == 300.0 + 250.0  # the debt's repayment is not lost
+    ledger.settle(second, 0.0)  # 1,000 unspent: 250 repay the debt, 300 carry
+    assert (ledger.debt, ledger.carry) == (0.0, 300.0)
+    assert ledger.reserve(1.0) == 400.0

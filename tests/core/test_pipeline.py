@@ -31,7 +31,7 @@ from clearbudget.daemon.core.windowing import Window
 from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, RolloutSample
 from clearbudget.daemon.replay.simulator import SimulatedBackend, grade, prompt_for
 from clearbudget.schemas.messages import Curve, QueryRequest, ReasonCode, Status
-from clearbudget.solver.fit import ProbePlan
+from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 from clearbudget.solver.rounding import equal_shares
 from tests.support.backends import SlowBackend
 
@@ -373,19 +373,42 @@ class RecyclingCaps(UniformPolicy):
     within e more tokens with an answer with chance 0.9·(1 − e^(−e/1000)), however long it
     ran. Remembers what it was told of each chain and what the value was asked of."""
 
-    def __init__(self, cap: int, price: float = 0.0) -> None:
+    def __init__(self, cap: int, price: float = 0.0, probe: ProbePlan | None = None) -> None:
+        """`probe`: probe every query so, and continue its first censored sample, falling
+        back on its first finished one's answer."""
         super().__init__(cap=cap)
         self.price = price
+        self.probe = probe
         self.seen: list[tuple[int, bool]] = []
-        self.asked: list[tuple[str, int, int]] = []
+        self.asked: list[tuple[str, int, int, int]] = []
+        self.seen_when_asked: list[tuple[int, bool]] = []
+
+    def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
+        if self.probe is None:
+            return super().probe_plan(requests, budget)
+        return ProbeSelection.everyone(self.probe, len(requests))
 
     def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
         curves = tuple(Curve(A=0.9, tau=0.0, beta=1e-3) for _ in queries)
         decision = super().decide(queries, budget)
+        if self.probe is not None:
+            censored = [next(j for j, o in enumerate(q.outcomes) if not o.finished)
+                        for q in queries]  # fmt: skip
+            answers = [next((o.answer for o in q.outcomes if o.finished), None) for q in queries]
+            decision = replace(decision, continue_from=tuple(censored),
+                               fallback_answer=tuple(answers))  # fmt: skip
         return replace(decision, continuation=self.gain, curves=curves, shadow_price=self.price)
 
-    def gain(self, request: QueryRequest, chain_tokens: int, extra: int) -> float:
-        self.asked.append((request.id, chain_tokens, extra))
+    def gain(
+        self,
+        request: QueryRequest,
+        outcomes: Sequence[ProbeOutcome],
+        continued: int,
+        chain_tokens: int,
+        extra: int,
+    ) -> float:
+        self.asked.append((request.id, continued, chain_tokens, extra))
+        self.seen_when_asked = list(self.seen)
         return 0.9 * -math.expm1(-extra / 1000)
 
     def observe(self, request: QueryRequest, chain_tokens: int, **outcome: object) -> None:
@@ -441,7 +464,7 @@ async def test_leftover_goes_only_where_it_returns_the_windows_price() -> None:
     backend = SimulatedBackend(RECYCLED, seed=1)
     policy = RecyclingCaps(1000, price=1e-4)
     cheap = await pipeline(policy, backend).run(recycled_window("early", "late"), 2000.0)
-    assert policy.asked == [("late", 1000, 900)]  # valued as the chain stands, at its length
+    assert policy.asked == [("late", -1, 1000, 900)]  # valued as the chain stands
     dear = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
         recycled_window("early", "late"), 2000.0
     )
@@ -479,6 +502,18 @@ async def test_a_deadline_passing_during_a_cut_chains_extra_request_expires_it()
     assert sorted(policy.seen) == [(100, True), (1000, False)]  # learned as far as it is known
 
 
+async def test_a_cut_chain_whose_deadline_passes_keeps_the_answer_its_probes_gave() -> None:
+    policy = RecyclingCaps(cap=1000, probe=ProbePlan(2, 64))
+    backend = SlowAfter(SimulatedBackend(PROBED, seed=1), fast=4)  # two probes, two dispatches
+    deadline = datetime.now(UTC) + timedelta(seconds=0.3)
+    pipe = WindowPipeline(backend, policy, PipelineMetrics.create(CollectorRegistry()),
+                          max_tokens_per_query=1 << 16)  # fmt: skip
+    _, mixed = (await pipe.run(probed_window(deadline), 4000.0)).results
+    assert (mixed.status, mixed.reason_code, mixed.answer) == (
+        Status.ANSWERED, ReasonCode.CUT_WITH_PROBE_ANSWER, "7"
+    )  # fmt: skip
+
+
 @given(
     st.lists(st.integers(0, 10_000), min_size=1, max_size=20),
     st.floats(0, 200_000, allow_nan=False),
@@ -507,6 +542,47 @@ async def test_leftover_the_carry_cannot_keep_goes_to_cut_chains_whatever_the_pr
     )
     # 900 left, 500 of them the carry keeps: the 400 it cannot go to the cut chain.
     assert [r.tokens_used for r in some_room.results] == [100, 1400]
+
+
+async def test_a_share_on_top_of_what_the_carry_cannot_keep_is_valued_on_top_of_it() -> None:
+    # 400 go to the cut chain whatever they return; the other 500 only if they add the price
+    # to the chance of its request (900 tokens) over the chance of its first 400: at 1e-4
+    # 0.9·(e^(−0.4) − e^(−0.9)) / 500, about 5.9e-4 per token, is worth it, at 1e-3 it is not.
+    backend = SimulatedBackend(RECYCLED, seed=1)
+    for price, used in ((1e-4, 1900), (1e-3, 1400)):
+        policy = RecyclingCaps(1000, price=price)
+        outcome = await pipeline(policy, backend).run(
+            recycled_window("early", "never"), 2000.0, carry_room=lambda: 500.0
+        )
+        assert [r.tokens_used for r in outcome.results] == [100, used]
+        assert {asked[2:] for asked in policy.asked} == {(1000, 900), (1000, 400)}
+
+
+PROBED = RolloutPool([record("early", [(100, True)] * 2),
+                     record("mixed", [(40, True), (1500, True)])])  # fmt: skip
+
+
+def probed_window(deadline: datetime | None = None) -> Window[PendingQuery]:
+    requests = [
+        QueryRequest(id=pid, prompt=prompt_for(PROBED.get(f"m/{pid}")), deadline=deadline)
+        for pid in ("early", "mixed")
+    ]
+    return Window("w-1", 0.0, 2.0, tuple(PendingQuery(r, 0.0) for r in requests))
+
+
+async def test_a_cut_chain_is_valued_with_its_probe_samples_and_at_its_whole_length() -> None:
+    policy = RecyclingCaps(cap=1000, probe=ProbePlan(2, 64))
+    outcome = await pipeline(policy, SimulatedBackend(PROBED, seed=1)).run(probed_window(), 4000.0)
+    _, mixed = outcome.results
+    (asked,) = policy.asked
+    assert asked[0] == "mixed"
+    assert asked[2] == 64 + 1000  # the probe's tokens and its allocation
+    assert mixed.reason_code == ReasonCode.CHAIN_FINISHED
+    # Every chain is learned once: the chains continued where they ended, the other probe
+    # samples (the finished 40 and the early one's censored 64) after the chains they were
+    # valued beside.
+    assert sorted(policy.seen) == [(40, True), (64, False), (100, True), (1500, True)]
+    assert (40, True) not in policy.seen_when_asked
 
 
 class Retrying:

@@ -193,10 +193,13 @@ def test_a_cut_chains_next_tokens_are_valued_as_the_chain_stands() -> None:
         seen = QueryRequest(id=f"s{i}", prompt=f"seen {i}", tags={"task": "t"})
         policy.observe(seen, 1000 + i, finished=True, answered=True, answer="7")
     new = QueryRequest(id="new", prompt="new one", tags={"task": "t"})
-    fresh, running = policy.continuation_gain(new, 0, 400), policy.continuation_gain(new, 900, 400)
+
+    def gain(chain_tokens: int, extra: int) -> float:
+        return policy.continuation_gain(new, (), -1, chain_tokens, extra)
+
+    fresh, running, whole = gain(0, 400), gain(900, 400), gain(0, 1600)
     # 400 tokens end almost no fresh chain, but nearly every chain still running at 900: as
     # many as all 1,600 tokens give a fresh one (the chance, scaled by answer agreement).
-    whole = policy.continuation_gain(new, 0, 1600)
     assert fresh < 0.01 < 0.9 * whole < running <= whole
     first = policy.decide([QueryView(new, (ProbeOutcome(False, 256),), 256, 1 << 15)], 1e5)
     assert first.continuation == policy.continuation_gain  # clear recycles on this value

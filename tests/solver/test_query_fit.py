@@ -10,6 +10,7 @@ from clearbudget.solver.difficulty import BUDGET_GRID, DifficultyModel, QueryInf
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
 from clearbudget.solver.query_fit import (
     allocate_curves,
+    continuation_chance,
     fit_queries,
     plan_probes,
     probe_lengths,
@@ -163,3 +164,22 @@ def test_a_window_of_mixed_probe_lengths_is_fitted_as_its_parts() -> None:
     assert mixed.fit.probe_tokens.tolist() == [160, 256]
     with pytest.raises(ValueError, match="censored samples run exactly p"):
         fit_queries([[ProbeOutcome(False, 256)]], [short], plan, model, probe_tokens=[160])
+
+
+def test_a_chains_continuation_chance_is_the_curve_the_window_was_fitted_on() -> None:
+    model = _model_with_two_kinds()
+    plan = ProbePlan(2, 256)
+    info = QueryInfo("long problem", {"task": "t"})
+    for outcomes in ([ProbeOutcome(True, 150, "1"), ProbeOutcome(False, 256)],  # one vote
+                     [ProbeOutcome(False, 256), ProbeOutcome(False, 256)]):  # fmt: skip
+        window = fit_queries([outcomes], [info], plan, model)
+        continued = int(window.fit.continue_from[0])
+        for extra in (500.0, 4000.0, 12000.0):
+            chance = continuation_chance(model, info, outcomes, continued, 256, int(extra))
+            assert chance == pytest.approx(np.interp(extra, G, window.utility[0]))
+    # Finished probes that disagree lower it by the majority's share, as in the fit.
+    split = [ProbeOutcome(True, 150, "1"), ProbeOutcome(True, 180, "2"), ProbeOutcome(False, 256)]
+    one = [ProbeOutcome(True, 150, "1"), ProbeOutcome(False, 256), ProbeOutcome(False, 256)]
+    lowered = continuation_chance(model, info, split, 2, 256, 12000)
+    assert lowered == pytest.approx(0.5 * continuation_chance(model, info, one, 2, 256, 12000),
+                                    rel=0.2)  # fmt: skip
