@@ -38,6 +38,8 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    # Markdown: a docstring's paragraphs reflow to the terminal instead of keeping its breaks.
+    rich_markup_mode="markdown",
 )
 
 

@@ -115,6 +115,10 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
     from clearbudget.solver.fit import ProbePlan
 
     try:
+        probe = ProbePlan(samples=probe_samples, tokens=probe_tokens)
+    except ValueError as exc:
+        fail(_with_options(str(exc), {"samples": "--probe-samples", "tokens": "--probe-tokens"}))
+    try:
         return ReplayConfig(
             policy=policy,  # type: ignore[arg-type]  # validated by ReplayConfig
             budget_per_query=budget_per_query,
@@ -122,17 +126,25 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
             seed=seed,
             window_seconds=window_seconds,
             window_max_queries=window_max_queries,
-            probe=ProbePlan(samples=probe_samples, tokens=probe_tokens),
+            probe=probe,
             hint_field=hint_field,
             feedback=feedback,
             feedback_delay=feedback_delay,
             budget_mode=budget_mode,  # type: ignore[arg-type]  # validated by ReplayConfig
         )
     except ValueError as exc:
-        message = str(exc).replace("budget_per_query", "--budget-per-query")
-        message = message.replace("budget_mode", "--budget-mode")
-        message = message.replace("feedback_delay", "--feedback-delay")
-        fail(message.replace("tokens_per_second", "--tokens-per-second"))
+        fields = ("policy", "budget_per_query", "tokens_per_second", "seed", "window_seconds",
+                  "window_max_queries", "feedback_delay", "budget_mode")  # fmt: skip
+        fail(_with_options(str(exc), {f: "--" + f.replace("_", "-") for f in fields}))
+
+
+def _with_options(message: str, options: dict[str, str]) -> str:
+    """`message` with the config's field names written as the options that set them."""
+    import re
+
+    for field, option in options.items():
+        message = re.sub(rf"(?<![\w-]){field}\b", option, message)
+    return message
 
 
 def check_speedup(speedup: float) -> None:
@@ -189,7 +201,11 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="accuracy vs tokens per query (all generated tokens, probes included)")
+    table = Table(
+        title="accuracy vs tokens per query (all generated tokens, probes included)",
+        caption="accuracy: queries answered correctly, over all queries; abandoned: priced out, "
+        "or cut at its allocation (a uniform chain cut at its cap) without an answer",
+    )
     for column in ("policy", "budget/q", "tokens/q", "probe/q", "accuracy", "answered",
                    "abandoned", "failed"):  # fmt: skip
         table.add_column(column, justify="right")

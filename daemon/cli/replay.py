@@ -33,6 +33,8 @@ from clearbudget.daemon.cli.inputs import (
     run_replay,
 )
 
+DEFAULT_BUDGET_PER_QUERY = 500.0
+
 if TYPE_CHECKING:
     from clearbudget.daemon.replay.config import ReplayConfig, ReplayQuery
     from clearbudget.daemon.replay.report import ReplayReport
@@ -42,10 +44,14 @@ if TYPE_CHECKING:
 def replay_command(
     policy: Annotated[str, typer.Option(help="clear | uniform | oracle")] = "clear",
     budget_per_query: Annotated[
-        float | None, typer.Option(help="Tokens per query, all generated tokens counted.")
+        float | None,
+        typer.Option(help="Tokens per query, all generated tokens counted (default: 500, "
+                          "unless --tokens-per-second is given)."),
     ] = None,
     tokens_per_second: Annotated[
-        float | None, typer.Option(help="Global token rate (the daemon's budget).")
+        float | None,
+        typer.Option(help="Global token rate (the daemon's budget), instead of "
+                          "--budget-per-query."),
     ] = None,
     trace: TraceOpt = DEFAULT_TRACE,
     rollouts: RolloutsOpt = DEFAULT_ROLLOUTS,
@@ -69,21 +75,22 @@ def replay_command(
 
     By default the real window pipeline runs in-process on a virtual clock with the
     recorded-rollout simulator as backend (an hour of trace in seconds). Every generated token
-    counts, probes included. Prints the report as JSON (keys as in DESIGN.md, then
-    `hint_field`, `feedback`, `feedback_delay` and `budget_mode`). A pool holding one chain per
-    record replays at most one lap. `--feedback` grades every answered query from the recorded
-    `correct` and hands the grade to the policy `--feedback-delay` trace seconds after its
-    answer. `--budget-mode thinking` ends a chain's thinking at its allocation instead of
-    cutting it (vLLM's thinking_token_budget; the simulator's rule is in docs/utility-model.md).
+    counts, probes included. Prints the report as JSON (its keys: docs/contracts.md, "Replay
+    report"). A pool holding one chain per record replays at most one lap. `--feedback`
+    grades every answered query from the recorded `correct` and hands the grade to the
+    policy `--feedback-delay` trace seconds after its answer. `--budget-mode thinking` ends a
+    chain's thinking at its allocation instead of cutting it (vLLM's thinking_token_budget;
+    the simulator's rule is in docs/utility-model.md).
     """
+    if budget_per_query is None and tokens_per_second is None:
+        budget_per_query = DEFAULT_BUDGET_PER_QUERY
+    check_speedup(speedup)
     config = make_config(policy, budget_per_query, tokens_per_second, seed, window_seconds,
                          window_max_queries, probe_samples, probe_tokens, hint_field, feedback,
                          feedback_delay, budget_mode)  # fmt: skip
-    if kafka:
-        check_speedup(speedup)
-        if feedback:
-            fail("--feedback runs in-process only; leave out --kafka (or publish Feedback "
-                 "messages to CLEAR_FEEDBACK_TOPIC yourself)")  # fmt: skip
+    if kafka and feedback:
+        fail("--feedback runs in-process only; leave out --kafka (or publish Feedback "
+             "messages to CLEAR_FEEDBACK_TOPIC yourself)")  # fmt: skip
     pool, queries = load_inputs(trace, rollouts, limit, seed, hint_field)
     quiet_logs()
     if kafka:

@@ -57,6 +57,7 @@ async def _start_both(
     clock: Callable[[], float],
     give_up_at: float,
 ) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    waiting = False
     while True:
         try:
             producer = await _start_producer(settings, log)
@@ -64,6 +65,10 @@ async def _start_both(
         except KafkaConnectionError as exc:
             if clock() >= give_up_at:
                 raise StartupError(_unreachable(settings, exc)) from exc
+            if not waiting:  # once: the wait is otherwise silent
+                waiting = True
+                log.warning("kafka_waiting", bootstrap=settings.kafka_bootstrap,
+                            seconds_left=round(give_up_at - clock(), 1))  # fmt: skip
             await sleep(STARTUP_RETRY_S)
     consumer = make_consumer(settings)
     try:
@@ -148,7 +153,9 @@ def _unreachable(settings: Settings, error: BaseException) -> str:
     if settings.kafka_security_protocol != "PLAINTEXT":
         where += f" ({env_var('kafka_security_protocol')}={settings.kafka_security_protocol})"
     detail = str(error)
-    if not detail.startswith(type(error).__name__):
+    if isinstance(error, KafkaConnectionError) and "Unable to bootstrap" in detail:
+        detail = "no broker answered (refused, unreachable or not resolvable)"
+    elif not detail.startswith(type(error).__name__):
         detail = f"{type(error).__name__}: {detail}"
     return f"cannot use the Kafka broker at {where}: {detail}"
 

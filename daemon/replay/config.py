@@ -82,6 +82,13 @@ class ReplayConfig:
         if not (np.isfinite(self.feedback_delay) and self.feedback_delay >= 0):
             raise ValueError(f"feedback_delay: must be a finite number >= 0, got "
                              f"{self.feedback_delay!r}")  # fmt: skip
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        if not (np.isfinite(self.window_seconds) and self.window_seconds > 0):
+            raise ValueError(f"window_seconds: must be a finite number > 0, got "
+                             f"{self.window_seconds!r}")  # fmt: skip
+        if self.window_max_queries < 1:
+            raise ValueError(f"window_max_queries: must be >= 1, got {self.window_max_queries}")
         if (self.budget_per_query is None) == (self.tokens_per_second is None):
             raise ValueError("give exactly one of budget_per_query or tokens_per_second")
         for name in ("budget_per_query", "tokens_per_second"):
@@ -135,7 +142,8 @@ def _hint_values(
     values = [_number(row.get(field)) for row in rows]
     present = [v for v in values if v is not None]
     if not present:
-        raise InputFileError(path, None, field, "--hint-field: no record has it as a number")
+        raise InputFileError(path, None, None, f"--hint-field {field!r}: no record has it as a "
+                             "number")  # fmt: skip
     low, high = min(present), max(present)
     span = high - low
     return tuple(None if v is None else (v - low) / span if span else 0.5 for v in values)

@@ -49,7 +49,7 @@ def test_fail_masks_the_configured_secrets_it_is_given() -> None:
     ("args", "message"),
     [
         (["replay", "--policy", "nope", "--budget-per-query", "5"],
-         "error: policy: must be one of clear, uniform, oracle, got 'nope'"),
+         "error: --policy: must be one of clear, uniform, oracle, got 'nope'"),
         (["replay", "--trace", "/nonexistent", "--budget-per-query", "5"],
          "error: /nonexistent: trace file not found"),
         (["replay", "--budget-per-query", "5", "--tokens-per-second", "4"],
@@ -60,6 +60,16 @@ def test_fail_masks_the_configured_secrets_it_is_given() -> None:
          "error: --limit must be >= 1, got 0"),
         (["replay", "--budget-per-query", "5", "--kafka", "--speedup", "0"],
          "error: --speedup must be > 0, got 0"),
+        (["replay", "--window-seconds", "0"],
+         "error: --window-seconds: must be a finite number > 0, got 0.0"),
+        (["replay", "--window-max-queries", "0"],
+         "error: --window-max-queries: must be >= 1, got 0"),
+        (["replay", "--seed", "-1"], "error: --seed: must be >= 0, got -1"),
+        (["replay", "--probe-tokens", "0"],
+         "error: --probe-tokens: must be >= 1 when probing, got 0"),
+        (["replay", "--speedup", "0"], "error: --speedup must be > 0, got 0"),
+        (["sweep", "--out", "x", "--budgets", "250", "--window-seconds", "-1"],
+         "error: --window-seconds: must be a finite number > 0, got -1.0"),
         (["sweep", "--out", "x", "--budgets", "abc"],
          "error: --budgets must be comma-separated numbers, got 'abc'"),
         (["demo", "--speedup", "-1"], "error: --speedup must be > 0, got -1"),
@@ -131,3 +141,13 @@ def test_replay_prints_and_writes_the_report(shared_data: Path, tmp_path: Path) 
     assert json.loads(out.read_text()) == report
     assert list(report)[:3] == ["policy", "queries", "answered"]
     assert (report["policy"], report["queries"]) == ("uniform", 40)
+
+
+def test_replay_without_a_budget_replays_at_500_tokens_per_query() -> None:
+    import json
+
+    code, stdout, _ = invoke("replay", "--limit", "40", "--policy", "uniform")
+    assert code == 0
+    report = json.loads(stdout[stdout.index("{") :])
+    assert report["queries"] == 40
+    assert report["budget_tokens"] == 500 * 40
