@@ -1031,12 +1031,14 @@ class VllmPool:
         verdict: Verdict = "neutral"
         try:
             async with ep.semaphore:
+                if ep.draining:  # it left the fleet while this request waited for a slot
+                    raise _RetryableError("drained", f"{ep.label} left the fleet")
                 completion = await self._send(ep, payload, n=n)
             verdict = "success"
             self._successes += 1
             return completion
-        except _RetryableError:
-            verdict = "failure"
+        except _RetryableError as exc:
+            verdict = "neutral" if exc.outcome == "drained" else "failure"
             raise
         finally:
             ep.outstanding_tokens -= cost

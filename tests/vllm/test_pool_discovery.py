@@ -417,3 +417,29 @@ async def test_the_aiohttp_transport_sends_the_service_name_as_host(
         assert pool.breaker_states() == {f"vllm-fleet:{port}/127.0.0.1": "closed"}
     finally:
         await pods.stop()
+
+
+async def test_a_request_queued_for_a_pod_that_leaves_goes_to_one_that_stays(
+    pools: list[VllmPool], transport: FakeTransport, registry: CollectorRegistry
+) -> None:
+    dns = FakeDns({"vllm": [P1]})
+    pool = fleet_pool(pools, transport, registry, dns, max_concurrency_per_endpoint=1)
+    release = asyncio.Event()
+
+    async def first_held(post: Post) -> tuple[int, bytes]:
+        if post.body["prompt"] == "held":
+            await release.wait()
+        return await ok(post)
+
+    transport.respond = first_held
+    await pool.start()
+    held = asyncio.create_task(pool.complete("held", n=1, max_tokens=4))
+    await until(lambda: len(transport.posts) == 1)
+    queued = asyncio.create_task(pool.complete("queued", n=1, max_tokens=4))
+    await asyncio.sleep(0.01)  # waiting for P1's only slot
+    dns.answers["vllm"] = [P2]
+    await pool.refresh()
+    release.set()
+    await asyncio.gather(held, queued)
+    assert transport.endpoints == [url(P1), url(P2)]  # sent where the fleet now is
+    assert pool.breaker_states() == {label(P2): "closed"}
