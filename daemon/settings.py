@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 from urllib.parse import unquote, urlsplit
@@ -498,15 +498,14 @@ def load_settings(
     """
     if env is None:
         file_values = _read_env_file(env_file)
-        _reject_unknown([*os.environ, *file_values])
-        return _validated(lambda: Settings(_env_file=env_file))
-    _reject_unknown(env)
+        unknown = _unknown([*os.environ, *file_values])
+        return _validated(lambda: Settings(_env_file=env_file), unknown)
     values = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
         if key.upper().startswith(ENV_PREFIX)
     }
-    return _validated(lambda: Settings.model_validate(values))
+    return _validated(lambda: Settings.model_validate(values), _unknown(env))
 
 
 def _read_env_file(env_file: Path | str | None) -> dict[str, str | None]:
@@ -515,21 +514,24 @@ def _read_env_file(env_file: Path | str | None) -> dict[str, str | None]:
     return dotenv_values(env_file)
 
 
-def _reject_unknown(names: Iterable[str]) -> None:
-    # A misspelt variable would otherwise be ignored silently and its default used.
+def _unknown(names: Iterable[str]) -> list[str]:
+    """A problem line per unknown `CLEAR_*` name: a misspelt variable would otherwise be
+    ignored silently and its default used."""
     known = env_var_names()
-    unknown = sorted(
-        {n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
-    )
-    if unknown:
-        raise SettingsError(f"{name}: unknown setting (a typo?)" for name in unknown)
+    unknown = {n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
+    return [f"{name}: unknown setting (a typo?)" for name in sorted(unknown)]
 
 
-def _validated(build: Callable[[], Settings]) -> Settings:
+def _validated(build: Callable[[], Settings], unknown: Sequence[str]) -> Settings:
+    """The settings `build` makes; `SettingsError` naming every problem, the `unknown`
+    variables' and the invalid values' together."""
     try:
-        return build()
+        settings = build()
     except ValidationError as exc:
-        raise SettingsError(_describe(error) for error in exc.errors()) from None
+        raise SettingsError([*unknown, *(_describe(error) for error in exc.errors())]) from None
+    if unknown:
+        raise SettingsError(unknown)
+    return settings
 
 
 _URL_FIELDS = frozenset({"kafka_bootstrap", "vllm_endpoints"})

@@ -236,6 +236,12 @@ def test_unknown_clear_variable_is_reported() -> None:
     assert "CLEAR_TOKEN_PER_SECOND: unknown setting" in problems_of({"CLEAR_TOKEN_PER_SECOND": "1"})
 
 
+def test_an_unknown_variable_does_not_hide_a_bad_value_beside_it() -> None:
+    problems = problems_of({"CLEAR_NOSUCH": "1", "CLEAR_WINDOW_SECONDS": "0"})
+    assert "CLEAR_NOSUCH: unknown setting" in problems
+    assert "CLEAR_WINDOW_SECONDS" in problems
+
+
 def test_env_var_names_cover_every_field() -> None:
     names = env_var_names()
     assert len(names) == len(Settings.model_fields)
