@@ -317,18 +317,20 @@ def continuation_chance(
     outcomes: Sequence[ProbeOutcome],
     continued: int,
     chain_tokens: int,
-    extra: int,
+    extras: Sequence[int],
     settings: FitSettings | None = None,
-) -> float:
-    """The chance that the query's chain (extending probe sample `continued`; −1: a fresh
-    chain), `chain_tokens` long and not finished, ends within `extra` more tokens with an
-    answer: its curve as `fit_queries` draws it (the other probe samples as its siblings,
-    scaled by how their finished answers agree), given it survived that far."""
+) -> FloatArray:
+    """Per entry of `extras`, the chance that the query's chain (extending probe sample
+    `continued`; −1: a fresh chain), `chain_tokens` long and not finished, ends within that
+    many more tokens with an answer: its curve as `fit_queries` draws it (the other probe
+    samples as its siblings, scaled by how their finished answers agree), given it survived
+    that far."""
     s = settings or FitSettings()
     siblings = _siblings([outcomes], np.array([continued], np.int64))
     curves = model.curves([query], chain_tokens, siblings)
     _, _, agreement = probe_answers([outcomes], s.agree_votes)
-    return float(np.interp(extra, curves.budgets, curves.utility[0]) * agreement[0])
+    at = np.asarray(extras, np.float64)
+    return np.interp(at, curves.budgets, curves.utility[0]) * agreement[0]
 
 
 def _siblings(

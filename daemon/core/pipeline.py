@@ -693,14 +693,9 @@ def _worth_more(
     weight, over `extra`. What is not worth it stays in the budget and carries over."""
     if query.cut is None or extra <= 0:
         return False
-
-    def chance(tokens: int) -> float:
-        if tokens <= 0:
-            return 0.0
-        assert query.cut is not None
-        return gain(query.request, query.outcomes, query.continued, query.cut.tokens, tokens)
-
-    added = chance(after + extra) - chance(after)
+    before, total = gain(query.request, query.outcomes, query.continued, query.cut.tokens,
+                         (after, after + extra))  # fmt: skip
+    added = total - before
     return query.request.weight * added / extra >= price
 
 

@@ -106,11 +106,11 @@ class ContinuationGain(Protocol):
         outcomes: Sequence[ProbeOutcome],
         continued: int,
         chain_tokens: int,
-        extra: int,
-    ) -> float:
-        """The chance that the query's chain (extending its probe sample `continued`; −1: a
-        fresh chain), `chain_tokens` long and not finished, ends within `extra` more tokens
-        with an answer."""
+        extras: Sequence[int],
+    ) -> Sequence[float]:
+        """Per entry of `extras`, the chance that the query's chain (extending its probe
+        sample `continued`; −1: a fresh chain), `chain_tokens` long and not finished, ends
+        within that many more tokens with an answer."""
         ...
 
 
@@ -316,14 +316,15 @@ class ClearPolicy:
         outcomes: Sequence[ProbeOutcome],
         continued: int,
         chain_tokens: int,
-        extra: int,
-    ) -> float:
+        extras: Sequence[int],
+    ) -> Sequence[float]:
         """`ContinuationGain` on the curve the window priced the query on, given the chain
         survived `chain_tokens` (the answer rate falls with length, so a long chain's next
         tokens are worth less than a fresh one's); `solver.query_fit.continuation_chance`."""
-        return continuation_chance(
-            self.model, query_info(request), outcomes, continued, chain_tokens, extra
+        chances = continuation_chance(
+            self.model, query_info(request), outcomes, continued, chain_tokens, extras
         )
+        return chances.tolist()
 
     def observe(
         self,

@@ -380,7 +380,7 @@ class RecyclingCaps(UniformPolicy):
         self.price = price
         self.probe = probe
         self.seen: list[tuple[int, bool]] = []
-        self.asked: list[tuple[str, int, int, int]] = []
+        self.asked: list[tuple[int | str, ...]] = []
         self.seen_when_asked: list[tuple[int, bool]] = []
 
     def probe_plan(self, requests: Sequence[QueryRequest], budget: float) -> ProbeSelection:
@@ -405,11 +405,11 @@ class RecyclingCaps(UniformPolicy):
         outcomes: Sequence[ProbeOutcome],
         continued: int,
         chain_tokens: int,
-        extra: int,
-    ) -> float:
-        self.asked.append((request.id, continued, chain_tokens, extra))
+        extras: Sequence[int],
+    ) -> list[float]:
+        self.asked.append((request.id, continued, chain_tokens, *extras))
         self.seen_when_asked = list(self.seen)
-        return 0.9 * -math.expm1(-extra / 1000)
+        return [0.9 * -math.expm1(-extra / 1000) for extra in extras]
 
     def observe(self, request: QueryRequest, chain_tokens: int, **outcome: object) -> None:
         self.seen.append((chain_tokens, bool(outcome["finished"])))
@@ -464,7 +464,7 @@ async def test_leftover_goes_only_where_it_returns_the_windows_price() -> None:
     backend = SimulatedBackend(RECYCLED, seed=1)
     policy = RecyclingCaps(1000, price=1e-4)
     cheap = await pipeline(policy, backend).run(recycled_window("early", "late"), 2000.0)
-    assert policy.asked == [("late", -1, 1000, 900)]  # valued as the chain stands
+    assert policy.asked == [("late", -1, 1000, 0, 900)]  # valued as the chain stands
     dear = await pipeline(RecyclingCaps(1000, price=1e-3), backend).run(
         recycled_window("early", "late"), 2000.0
     )
@@ -555,7 +555,7 @@ async def test_a_share_on_top_of_what_the_carry_cannot_keep_is_valued_on_top_of_
             recycled_window("early", "never"), 2000.0, carry_room=lambda: 500.0
         )
         assert [r.tokens_used for r in outcome.results] == [100, used]
-        assert {asked[2:] for asked in policy.asked} == {(1000, 900), (1000, 400)}
+        assert [asked[2:] for asked in policy.asked] == [(1000, 400, 900)]
 
 
 PROBED = RolloutPool([record("early", [(100, True)] * 2),

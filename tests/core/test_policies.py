@@ -195,7 +195,8 @@ def test_a_cut_chains_next_tokens_are_valued_as_the_chain_stands() -> None:
     new = QueryRequest(id="new", prompt="new one", tags={"task": "t"})
 
     def gain(chain_tokens: int, extra: int) -> float:
-        return policy.continuation_gain(new, (), -1, chain_tokens, extra)
+        (chance,) = policy.continuation_gain(new, (), -1, chain_tokens, (extra,))
+        return chance
 
     fresh, running, whole = gain(0, 400), gain(900, 400), gain(0, 1600)
     # 400 tokens end almost no fresh chain, but nearly every chain still running at 900: as

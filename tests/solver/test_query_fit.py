@@ -174,12 +174,12 @@ def test_a_chains_continuation_chance_is_the_curve_the_window_was_fitted_on() ->
                      [ProbeOutcome(False, 256), ProbeOutcome(False, 256)]):  # fmt: skip
         window = fit_queries([outcomes], [info], plan, model)
         continued = int(window.fit.continue_from[0])
-        for extra in (500.0, 4000.0, 12000.0):
-            chance = continuation_chance(model, info, outcomes, continued, 256, int(extra))
-            assert chance == pytest.approx(np.interp(extra, G, window.utility[0]))
+        extras = (500, 4000, 12000)
+        chances = continuation_chance(model, info, outcomes, continued, 256, extras)
+        assert chances == pytest.approx(np.interp(extras, G, window.utility[0]))
     # Finished probes that disagree lower it by the majority's share, as in the fit.
     split = [ProbeOutcome(True, 150, "1"), ProbeOutcome(True, 180, "2"), ProbeOutcome(False, 256)]
     one = [ProbeOutcome(True, 150, "1"), ProbeOutcome(False, 256), ProbeOutcome(False, 256)]
-    lowered = continuation_chance(model, info, split, 2, 256, 12000)
-    assert lowered == pytest.approx(0.5 * continuation_chance(model, info, one, 2, 256, 12000),
-                                    rel=0.2)  # fmt: skip
+    (lowered,) = continuation_chance(model, info, split, 2, 256, (12000,))
+    (unanimous,) = continuation_chance(model, info, one, 2, 256, (12000,))
+    assert lowered == pytest.approx(0.5 * unanimous, rel=0.2)
