@@ -15,6 +15,7 @@ budget row holds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -370,4 +371,29 @@ def equal_shares(room: FloatArray, total: float) -> NDArray[np.int64]:
     spare = int(total - shares.sum())
     for i in np.flatnonzero(shares < room)[:spare]:
         shares[i] += 1
+    return shares
+
+
+def equal_shares_within(
+    room: FloatArray, total: float, groups: Sequence[str], limits: Mapping[str, float]
+) -> NDArray[np.int64]:
+    """`equal_shares`, with each group's shares together at most its limit (a group with no
+    limit has none): a group that would pass its limit gets equal shares of the limit alone,
+    and the others share the rest, until no group passes its limit."""
+    members = np.array(groups, dtype=object)
+    shares = np.zeros(room.size, np.int64)
+    open_ = np.ones(room.size, dtype=bool)  # not yet fixed at a group's limit
+    left = total
+    for _ in range(len(limits) + 1):
+        shares[open_] = equal_shares(room[open_], left)
+        over = [g for g, limit in limits.items()
+                if float(shares[open_ & (members == g)].sum()) > max(limit, 0.0)]  # fmt: skip
+        if not over:
+            break
+        for group in over:
+            mine = open_ & (members == group)
+            shares[mine] = equal_shares(room[mine], max(limits[group], 0.0))
+            left -= float(shares[mine].sum())
+            open_ &= ~mine
+        shares[open_] = 0
     return shares

@@ -7,7 +7,7 @@ and trace replay run exactly this code and are charged for exactly the tokens ge
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -35,7 +35,7 @@ from clearbudget.schemas.messages import (
 )
 from clearbudget.solver.answers import answers_agree, extract_answer
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
-from clearbudget.solver.rounding import equal_shares
+from clearbudget.solver.rounding import equal_shares_within
 
 # What a window with tokens to spare has left goes to its cut chains (`WindowPipeline._recycle`)
 # in shares of at least this many tokens.
@@ -95,6 +95,7 @@ class _Query:
     curve: Curve | None = None  # the curve the allocation priced it on, if any
     continued: int = -1  # the probe sample its continuation extends (−1: none or fresh)
     samples_pending: bool = False  # its probe samples but `continued` are still to be learned
+    group: str = ""  # with tag budgets: its tag row
     cut: _Cut | None = None  # its chain ran out at its allocation: may get more (`_recycle`)
     result: QueryResult | None = None
 
@@ -245,6 +246,7 @@ class WindowPipeline:
             tokens, answer_now = int(decision.tokens[i]), decision.answer_now[i]
             query.allocated = tokens
             query.curve = decision.curves[i] if decision.curves else None
+            query.group = decision.groups[i] if decision.groups else ""
             if answer_now is not None or tokens <= 0:
                 self._observe_probe_only(query)
             if answer_now is not None:
@@ -318,7 +320,8 @@ class WindowPipeline:
         the rest of their allocations) goes to the chains cut at theirs, in equal shares up to
         each query's cap, one more request each, within the window's budget: first the `free`
         tokens the carry-over could not keep anyway, then shares of the rest where they return
-        the window's price (`_worth_more`). Not in thinking mode, where such a chain answers."""
+        the window's price (`_worth_more`; with tag budgets, the group's price, and no group
+        past its row). Not in thinking mode, where such a chain answers."""
         gain, price = decision.continuation, decision.shadow_price
         assert gain is not None
         cut = [q for q in live if q.cut is not None and q.cut.prompt is not None]
@@ -326,11 +329,18 @@ class WindowPipeline:
             return
         room = [self._cap(q.request) - q.probe_tokens - q.dispatch_tokens for q in cut]
         room_left = np.maximum(np.array(room, np.float64), 0.0)
-        lost_anyway = equal_shares(room_left, min(free, left))
-        rest = equal_shares(room_left - lost_anyway, left - float(lost_anyway.sum()))
+        groups = [q.group for q in cut]
+        limits = _rows_left(live, decision.tag_budgets)
+        lost_anyway = equal_shares_within(room_left, min(free, left), groups, limits)
+        for group, share in zip(groups, lost_anyway, strict=True):
+            if group in limits:
+                limits[group] -= float(share)
+        rest = equal_shares_within(room_left - lost_anyway, left - float(lost_anyway.sum()),
+                                   groups, limits)  # fmt: skip
+        prices = [decision.tag_prices.get(g, price) for g in groups]
         extra = [
-            int(f) + (int(r) if _worth_more(q, int(r), price, gain, after=int(f)) else 0)
-            for q, f, r in zip(cut, lost_anyway, rest, strict=True)
+            int(f) + (int(r) if _worth_more(q, int(r), p, gain, after=int(f)) else 0)
+            for q, f, r, p in zip(cut, lost_anyway, rest, prices, strict=True)
         ]
         await asyncio.gather(*(
             self._continue_cut(q, e, window_id, price)
@@ -682,6 +692,16 @@ def _finished_with(probe: Completion | None, answer: str) -> Sample:
         s for s in probe.samples
         if s.finish_reason == "stop" and answers_agree(extract_answer(s.text), answer)
     )  # fmt: skip
+
+
+def _rows_left(live: Sequence[_Query], rows: Mapping[str, float]) -> dict[str, float]:
+    """What each tag row has left after the window's continuations (empty without tag
+    budgets): the row less its queries' dispatched tokens."""
+    left = dict(rows)
+    for query in live:
+        if query.group in left:
+            left[query.group] -= query.dispatch_tokens
+    return left
 
 
 def _worth_more(

@@ -76,8 +76,9 @@ class Decision:
     was solved on (None where the query was not priced on one, e.g. answered from its probe);
     empty when the policy has no curves (the baselines). `continuation`: set when what this
     window's continuations leave may go to its chains cut at their allocation; it values such a
-    chain's next tokens (`WindowPipeline._recycle` offers them where they return the price).
-    None for the baselines, whose caps are the policy."""
+    chain's next tokens (`WindowPipeline._recycle` offers them where they return the price, each
+    group's within what its tag row has left; `groups`: each live query's row with tag
+    budgets). None for the baselines, whose caps are the policy."""
 
     tokens: NDArray[np.int64]
     answer_now: tuple[str | None, ...]
@@ -91,6 +92,7 @@ class Decision:
     tag_prices: Mapping[str, float] = field(default_factory=dict)
     curves: tuple[Curve | None, ...] = ()
     continuation: ContinuationGain | None = None
+    groups: tuple[str, ...] = ()  # with tag budgets: each live query's group (its row's key)
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
@@ -266,7 +268,8 @@ class ClearPolicy:
         return Decision(
             tokens, answer_now, *chains, result.shadow_price, result.solver, elapsed_ms,
             result.fallbacks, tag_budgets, tag_prices, _solved_curves(len(queries), index, problem),
-            continuation=self.continuation_gain if rows is None else None,
+            continuation=self.continuation_gain,
+            groups=tuple(groups) if rows is not None else (),
         )  # fmt: skip
 
     def _allocate(

@@ -22,6 +22,7 @@ idle reserve to the groups that want more, and splits what is spare among the gr
 drew on the pool (a second solve on those rows, which add up to the window budget).
 
 Shares are of what each window allots: a chain that stops before its allotment hands the rest
+to its group's chains cut at theirs, within the group's row (`WindowPipeline._recycle`), then
 back to the shared carry. Tagged windows are solved by cvxpy (`solve_window`, method "auto",
 with tag rows) on the policy's long-lived allocator; probe selection uses the same rows, solved
 in closed form (which honours tag rows: each query pays max(λ, its tag's price)).

@@ -32,7 +32,7 @@ from clearbudget.daemon.replay.rollouts import RolloutPool, RolloutRecord, Rollo
 from clearbudget.daemon.replay.simulator import SimulatedBackend, grade, prompt_for
 from clearbudget.schemas.messages import Curve, QueryRequest, ReasonCode, Status
 from clearbudget.solver.fit import ProbeOutcome, ProbePlan
-from clearbudget.solver.rounding import equal_shares
+from clearbudget.solver.rounding import equal_shares, equal_shares_within
 from tests.support.backends import SlowBackend
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -558,6 +558,26 @@ async def test_a_share_on_top_of_what_the_carry_cannot_keep_is_valued_on_top_of_
         assert [asked[2:] for asked in policy.asked] == [(1000, 400, 900)]
 
 
+async def test_what_a_tag_row_has_left_goes_only_to_its_own_cut_chains() -> None:
+    # Rows: a 2,000 (its early finisher leaves 900 of them), b 1,000 (all dispatched).
+    class Tagged(RecyclingCaps):
+        def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+            groups = tuple(q.request.id.split("-")[0] for q in queries)
+            return replace(super().decide(queries, budget), groups=groups,
+                           tag_budgets={"a": 2000.0, "b": 1000.0})  # fmt: skip
+
+    pids = {"a-early": "early", "a-late": "late", "b-late": "late"}
+    requests = [QueryRequest(id=qid, prompt=prompt_for(RECYCLED.get(f"m/{pid}")))
+                for qid, pid in pids.items()]  # fmt: skip
+    window = Window("w-1", 0.0, 2.0, tuple(PendingQuery(r, 0.0) for r in requests))
+    outcome = await pipeline(Tagged(cap=1000), SimulatedBackend(RECYCLED, seed=1)).run(
+        window, 3000.0
+    )
+    early, a_late, b_late = outcome.results
+    assert (early.tokens_used, a_late.tokens_used, b_late.tokens_used) == (100, 1500, 1000)
+    assert a_late.reason_code == ReasonCode.CHAIN_FINISHED  # a's 900, not split with b
+
+
 PROBED = RolloutPool([record("early", [(100, True)] * 2),
                      record("mixed", [(40, True), (1500, True)])])  # fmt: skip
 
@@ -607,3 +627,22 @@ async def test_tokens_of_retried_attempts_are_charged_but_never_learned_as_chain
     assert early.tokens_used == 100 + 40
     assert late.tokens_used == 1500 + 2 * 40  # two requests, each after a garbled attempt
     assert sorted(policy.seen) == [(100, True), (1500, True)]  # the chains' own lengths
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5000), st.sampled_from("abc")), min_size=1, max_size=12),
+    st.floats(0, 40_000, allow_nan=False),
+    st.dictionaries(st.sampled_from("ab"), st.floats(-100, 20_000, allow_nan=False)),
+)
+def test_shares_within_rows_keep_every_row_and_the_total(
+    rooms: list[tuple[int, str]], total: float, limits: dict[str, float]
+) -> None:
+    room = np.array([r for r, _ in rooms], np.float64)
+    groups = [g for _, g in rooms]
+    shares = equal_shares_within(room, total, groups, limits)
+    assert (shares >= 0).all()
+    assert (shares <= room).all()
+    assert shares.sum() <= total
+    for group, limit in limits.items():
+        mine = np.array([g == group for g in groups])
+        assert shares[mine].sum() <= max(limit, 0.0)

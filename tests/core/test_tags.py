@@ -282,12 +282,13 @@ async def test_through_the_pipeline_with_probes_each_tenant_gets_its_share(
         outcome = await pipeline.run(Window(f"w-{n}", 0.0, 2.0, items), budget)
         assert outcome.report.spent_tokens <= budget
         assert outcome.report.probe_tokens > 0
+        # Allotted: probes and allocations, what early finishers left to cut chains included
+        # (so together they may pass the budget the window's spend stays within).
         planned = dict.fromkeys(budgets.keys, 0)
         for result in outcome.results:
             key = "tenant=" + result.id.split("-")[1]
             planned[key] += result.tokens_probe + result.allocated_tokens
             spend[key] += result.tokens_used
-        assert sum(planned.values()) <= budget
         for entry in budgets.entries:
             assert planned[entry.key] >= entry.share * budget - 2048, (n, planned)
     for key, tokens in spend.items():
