@@ -711,7 +711,7 @@ def _worth_more(
     same request, return the window's price per token: what they add to the chance `gain`
     gives that the chain, as it stands, ends within the request with an answer, times its
     weight, over `extra`. What is not worth it stays in the budget and carries over."""
-    if query.cut is None or extra <= 0:
+    if query.cut is None or extra < RECYCLE_MIN_TOKENS:  # too little to be worth asking
         return False
     before, total = gain(query.request, query.outcomes, query.continued, query.cut.tokens,
                          (after, after + extra))  # fmt: skip
