@@ -99,6 +99,19 @@ def fleet_pool(
     return pool
 
 
+def hold(transport: FakeTransport, prompt: str) -> asyncio.Event:
+    """Answer every request at once but those for `prompt`, which wait for the event."""
+    release = asyncio.Event()
+
+    async def held(post: Post) -> tuple[int, bytes]:
+        if post.body["prompt"] == prompt:
+            await release.wait()
+        return await ok(post)
+
+    transport.respond = held
+    return release
+
+
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 
@@ -200,14 +213,7 @@ async def test_a_removed_pod_takes_no_new_request_and_its_request_in_flight_comp
 ) -> None:
     dns = FakeDns({"vllm": [P1, P2]})
     pool = fleet_pool(pools, transport, registry, dns)
-    release = asyncio.Event()
-
-    async def first_held(post: Post) -> tuple[int, bytes]:
-        if post.body["prompt"] == "held":
-            await release.wait()
-        return await ok(post)
-
-    transport.respond = first_held
+    release = hold(transport, "held")
     await pool.start()
     in_flight = asyncio.create_task(pool.complete("held", n=1, max_tokens=4))
     await until(lambda: len(transport.posts) == 1)
@@ -424,14 +430,7 @@ async def test_a_request_queued_for_a_pod_that_leaves_goes_to_one_that_stays(
 ) -> None:
     dns = FakeDns({"vllm": [P1]})
     pool = fleet_pool(pools, transport, registry, dns, max_concurrency_per_endpoint=1)
-    release = asyncio.Event()
-
-    async def first_held(post: Post) -> tuple[int, bytes]:
-        if post.body["prompt"] == "held":
-            await release.wait()
-        return await ok(post)
-
-    transport.respond = first_held
+    release = hold(transport, "held")
     await pool.start()
     held = asyncio.create_task(pool.complete("held", n=1, max_tokens=4))
     await until(lambda: len(transport.posts) == 1)
