@@ -139,12 +139,14 @@ def make_config(policy: str, budget_per_query: float | None, tokens_per_second: 
 
 
 def _with_options(message: str, options: dict[str, str]) -> str:
-    """`message` with the config's field names written as the options that set them."""
+    """`message` with the config's field names written as the options that set them (not
+    inside the value quoted after "got")."""
     import re
 
+    text, got, value = message.partition(", got ")
     for field, option in options.items():
-        message = re.sub(rf"(?<![\w-]){field}\b", option, message)
-    return message
+        text = re.sub(rf"(?<![\w-]){field}\b", option, text)
+    return text + got + value
 
 
 def check_speedup(speedup: float) -> None:

@@ -159,16 +159,20 @@ class WindowPipeline:
         decision = self._policy.decide([view for _, view in views], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
-        await self._dispatch(live, decision, window.window_id, waiting)
-        if decision.continuation is not None:  # clear: what early finishers left, to cut chains
-            left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
-            free = max(left - carry_room(), 0.0) if carry_room is not None else 0.0
-            await self._recycle(live, left, free, window.window_id, decision)
-        for query in live:
-            if query.cut is not None:
-                self._end_cut(query, window.window_id, decision.shadow_price)
-            if query.samples_pending:  # its other probe samples, now that its chain is over
-                self._observe_probe_only(query, except_sample=query.continued)
+        try:
+            await self._dispatch(live, decision, window.window_id, waiting)
+            if decision.continuation is not None:  # clear: early finishers' leftover, to cut chains
+                left = max(budget - probe_spent, 0) - sum(q.dispatch_tokens for q in live)
+                free = max(left - carry_room(), 0.0) if carry_room is not None else 0.0
+                await self._recycle(live, left, free, window.window_id, decision)
+            for query in live:
+                if query.cut is not None:
+                    self._end_cut(query, window.window_id, decision.shadow_price)
+        finally:  # even when the window fails: they ran, and nothing else will learn them
+            for query in live:
+                if query.samples_pending:  # its other probe samples, now its chain is over
+                    query.samples_pending = False
+                    self._observe_probe_only(query, except_sample=query.continued)
         self._metrics.tokens.labels(phase="dispatch").inc(sum(q.dispatch_tokens for q in live))
         for query in skipped:
             query.result = _insolvent(
@@ -286,7 +290,9 @@ class WindowPipeline:
         completion = await self._request(
             query, "dispatch", prompt, 1, tokens, window_id, price, thinking=thinking
         )
-        if completion is None:
+        if completion is None:  # failed or expired: the chain is known to run `before` unfinished
+            if chain is not None:
+                self._observe(query, before, finished=False, answer=None)
             return
         sample = completion.samples[0]
         # The chain's own length: a retried attempt's tokens are charged, not part of it.
@@ -711,7 +717,7 @@ def _worth_more(
     same request, return the window's price per token: what they add to the chance `gain`
     gives that the chain, as it stands, ends within the request with an answer, times its
     weight, over `extra`. What is not worth it stays in the budget and carries over."""
-    if query.cut is None or extra < RECYCLE_MIN_TOKENS:  # too little to be worth asking
+    if query.cut is None or extra <= 0 or after + extra < RECYCLE_MIN_TOKENS:  # not sent
         return False
     before, total = gain(query.request, query.outcomes, query.continued, query.cut.tokens,
                          (after, after + extra))  # fmt: skip

@@ -208,17 +208,27 @@ class Daemon:
         self._last_broker_check = now
         try:
             await asyncio.wait_for(self._consumer.topics(), BROKER_CHECK_TIMEOUT_S)
-            if self._paused:
-                partitions = list(self._consumer.assignment())
-                ends = await asyncio.wait_for(
-                    self._consumer.end_offsets(partitions), BROKER_CHECK_TIMEOUT_S
-                )
-                self._end_offsets.update(ends)
-                self._metrics.lag.set(self._lag())
         except (KafkaError, TimeoutError) as exc:
             self.broker_health.down(exc)
-        else:
-            self.broker_health.up()
+            return
+        self.broker_health.up()
+        if self._paused:
+            await self._refresh_end_offsets()
+
+    async def _refresh_end_offsets(self) -> None:
+        """The assigned partitions' end offsets, for the lag while paused; on a failure (a
+        leader election, an old broker) the last ones known are kept: the broker's health is
+        `topics()`'s to say."""
+        partitions = list(self._consumer.assignment())
+        try:
+            ends = await asyncio.wait_for(
+                self._consumer.end_offsets(partitions), BROKER_CHECK_TIMEOUT_S
+            )
+        except (KafkaError, TimeoutError) as exc:
+            self._log.debug("end_offsets_failed", error=type(exc).__name__)
+            return
+        self._end_offsets.update(ends)
+        self._metrics.lag.set(self._lag())
 
     def _waiting(self) -> int:
         """Queries behind a starting window, at least: in Kafka and in the open window."""
@@ -458,6 +468,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.commit()
         self._offsets.forget(revoked)
+        for tp in revoked:
+            self._end_offsets.pop(tp, None)
 
     async def _fence(self, revoked: set[TopicPartition]) -> None:
         def kept(item: PendingQuery) -> bool:

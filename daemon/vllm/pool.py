@@ -694,7 +694,8 @@ class VllmPool:
         """One round of up to `max_attempts` attempts; None (reasons in `attempts`) if all fail."""
         preferred = self._affinity_for(request.prompt)
         cost = request.n * request.max_tokens
-        for _ in range(self._max_attempts):
+        made = 0
+        while made < self._max_attempts:
             endpoint = self._pick(attempts.tried, preferred)
             if endpoint is None:
                 attempts.failures.append("no usable endpoint (every circuit breaker is open)")
@@ -705,6 +706,9 @@ class VllmPool:
             try:
                 completion = await self._attempt(endpoint, payload, n=request.n, cost=cost)
             except _RetryableError as exc:
+                if exc.outcome == "drained":  # never sent: no attempt, and it is not picked again
+                    continue
+                made += 1
                 attempts.failures.append(f"{endpoint.label}: {exc}")
                 generated = cost if exc.generated_tokens == UNKNOWN_TOKENS else exc.generated_tokens
                 attempts.discarded_tokens += min(generated, cost)
@@ -748,7 +752,8 @@ class VllmPool:
         self._by_label[ep.label] = ep
 
     def _drain(self, ep: _Endpoint) -> None:
-        """No new request goes to `ep`; those sent or queued there finish, then it is removed."""
+        """No new request goes to `ep`; those sent there finish, those waiting for one of its
+        slots go elsewhere (`_attempt`), then it is removed."""
         self._endpoints.remove(ep)
         for i, live in enumerate(self._endpoints):
             live.index = i

@@ -65,6 +65,8 @@ def test_fail_masks_the_configured_secrets_it_is_given() -> None:
         (["replay", "--window-max-queries", "0"],
          "error: --window-max-queries: must be >= 1, got 0"),
         (["replay", "--seed", "-1"], "error: --seed: must be >= 0, got -1"),
+        (["replay", "--policy", "seed"],
+         "error: --policy: must be one of clear, uniform, oracle, got 'seed'"),
         (["replay", "--probe-tokens", "0"],
          "error: --probe-tokens: must be >= 1 when probing, got 0"),
         (["replay", "--speedup", "0"], "error: --speedup must be > 0, got 0"),

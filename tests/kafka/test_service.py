@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
@@ -289,6 +290,31 @@ async def test_the_lag_keeps_counting_what_arrives_while_the_partitions_are_paus
     ready = True
     await until(lambda: len(sink.results) == 35)
     await until(lambda: lag("clear_consumer_lag") == 0)
+    stop.set()
+    await task
+
+
+async def test_end_offsets_that_fail_keep_the_broker_healthy_and_the_loop_going() -> None:
+    class NoEndOffsets(FetchedHighwater):
+        asked = 0
+
+        async def end_offsets(
+            self, partitions: list[TopicPartition]
+        ) -> dict[TopicPartition, int]:
+            self.asked += 1
+            raise KafkaConnectionError("leader moving")
+
+    consumer, sink = NoEndOffsets(partitions=1), MemorySink()
+    ready = False
+    daemon = make_daemon(consumer, sink, backend_ready=lambda: ready,
+                         broker_check_interval_s=0.05)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await until(lambda: consumer.asked >= 3)  # paused, and asked again at each check
+    assert daemon.broker_health.ok
+    consumer.append(0, query(0))
+    ready = True
+    await until(lambda: len(sink.results) == 1)
     stop.set()
     await task
 

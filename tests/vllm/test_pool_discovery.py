@@ -429,7 +429,9 @@ async def test_a_request_queued_for_a_pod_that_leaves_goes_to_one_that_stays(
     pools: list[VllmPool], transport: FakeTransport, registry: CollectorRegistry
 ) -> None:
     dns = FakeDns({"vllm": [P1]})
-    pool = fleet_pool(pools, transport, registry, dns, max_concurrency_per_endpoint=1)
+    # One attempt per request: the departed pod must not use it up.
+    pool = fleet_pool(pools, transport, registry, dns, max_concurrency_per_endpoint=1,
+                      max_attempts=1, outage_wait_s=0)  # fmt: skip
     release = hold(transport, "held")
     await pool.start()
     held = asyncio.create_task(pool.complete("held", n=1, max_tokens=4))
