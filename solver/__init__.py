@@ -1,6 +1,7 @@
 """Pure, synchronous numerics: utility model, fitting and windowed allocation.
 
-Nothing in this package may import asyncio, Kafka or HTTP clients.
+Nothing in this package may import asyncio, Kafka or HTTP clients, or log: what a caller
+should hear of (a solver fallback) comes back in the results.
 
 The names below are exported lazily (PEP 562): `import solver.fit` or `from solver import
 ProblemError` loads only the submodules it needs, so importing one light submodule does not

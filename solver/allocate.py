@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -25,7 +24,6 @@ from clearbudget.solver.rounding import fill_chords, round_chords
 Method = Literal["auto", "closed_form", "cvxpy"]
 Rounding = Literal["chord", "swap"]
 CLOSED_FORM = "closed_form"
-_module_logger = logging.getLogger(__name__)
 
 
 def solve_window(
@@ -33,7 +31,6 @@ def solve_window(
     *,
     method: Method = "auto",
     allocator: CvxpyAllocator | None = None,
-    logger: logging.Logger | None = None,
     clock: Callable[[], float] = time.perf_counter,
     rounding: Rounding = "chord",
 ) -> AllocationResult:
@@ -41,8 +38,8 @@ def solve_window(
 
     method "auto" uses the closed form when the budget is the only coupling row and cvxpy when
     tag budgets add rows; "cvxpy" forces cvxpy (pass a long-lived `allocator` to reuse compiled
-    problems). A cvxpy failure or inaccurate status falls back to the closed form, logged and
-    counted in `AllocationResult.fallbacks`.
+    problems). A cvxpy failure or inaccurate status falls back to the closed form, counted in
+    `AllocationResult.fallbacks` with its `fallback_reason` (the caller logs it).
 
     rounding "chord" funds or abandons the relaxation's chord query, whichever is worth more on
     the true curves (the price still sorts funded from abandoned); "swap" also tries swaps among
@@ -63,9 +60,6 @@ def solve_window(
             solver_name = allocator.name
         except SolverFailure as exc:
             failure = str(exc)
-            (logger or _module_logger).warning(
-                "solver fallback to closed form: %s (window of %d queries)", failure, problem.size
-            )
     if relaxation is None:
         relaxation = relax_closed_form(curves, problem.budget, tag_budgets)
     final = round_relaxation(curves, relaxation, problem.budget, tag_budgets, rounding)

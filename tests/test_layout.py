@@ -16,7 +16,7 @@ OUR_ROOMS = ("daemon", "solver", "schemas")
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "solver": (
         "asyncio", "aiokafka", "aiohttp", "httpx", "socket", "typer", "rich", "structlog",
-        "prometheus_client", "daemon",
+        "logging", "prometheus_client", "daemon",
     ),
     "schemas": ("asyncio", "aiokafka", "aiohttp", "typer", "daemon", "solver"),
     "daemon/core": (

@@ -159,6 +159,9 @@ class WindowPipeline:
         decision = self._policy.decide([view for _, view in views], max(budget - probe_spent, 0))
         self._metrics.solve_seconds.observe(decision.solve_ms / 1e3)
         self._metrics.solver_fallbacks.inc(decision.fallbacks)
+        if decision.fallbacks:
+            self._log.warning("solver_fallback", window_id=window.window_id,
+                              solver=decision.solver, reason=decision.fallback_reason)  # fmt: skip
         try:
             await self._dispatch(live, decision, window.window_id, waiting)
             if decision.continuation is not None:  # clear: early finishers' leftover, to cut chains

@@ -93,6 +93,7 @@ class Decision:
     curves: tuple[Curve | None, ...] = ()
     continuation: ContinuationGain | None = None
     groups: tuple[str, ...] = ()  # with tag budgets: each live query's group (its row's key)
+    fallback_reason: str | None = None  # why cvxpy failed, when `fallbacks` counts it
 
     @classmethod
     def caps(cls, tokens: NDArray[np.int64], solver: str) -> Decision:
@@ -270,6 +271,7 @@ class ClearPolicy:
             result.fallbacks, tag_budgets, tag_prices, _solved_curves(len(queries), index, problem),
             continuation=self.continuation_gain,
             groups=tuple(groups) if rows is not None else (),
+            fallback_reason=result.fallback_reason,
         )  # fmt: skip
 
     def _allocate(

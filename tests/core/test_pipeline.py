@@ -646,3 +646,22 @@ def test_shares_within_rows_keep_every_row_and_the_total(
     for group, limit in limits.items():
         mine = np.array([g == group for g in groups])
         assert shares[mine].sum() <= max(limit, 0.0)
+
+
+async def test_a_solver_fallback_is_logged_with_its_reason_and_counted() -> None:
+    from structlog.testing import capture_logs
+
+    class FellBack(UniformPolicy):
+        def decide(self, queries: Sequence[QueryView], budget: float) -> Decision:
+            return replace(super().decide(queries, budget), fallbacks=1,
+                           fallback_reason="CLARABEL: optimal_inaccurate")  # fmt: skip
+
+    registry = CollectorRegistry()
+    pipe = WindowPipeline(SimulatedBackend(POOL, seed=1), FellBack(cap=500),
+                          PipelineMetrics.create(registry), max_tokens_per_query=1 << 16,
+                          wall_clock=lambda: NOW)  # fmt: skip
+    with capture_logs() as logs:
+        await pipe.run(window("easy"), 1e6)
+    (warning,) = [e for e in logs if e["event"] == "solver_fallback"]
+    assert (warning["window_id"], warning["reason"]) == ("w-1", "CLARABEL: optimal_inaccurate")
+    assert registry.get_sample_value("clear_solver_fallbacks_total") == 1

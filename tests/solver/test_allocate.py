@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -141,17 +139,13 @@ class BrokenAllocator(CvxpyAllocator):
         raise SolverFailure("CLARABEL finished with status 'optimal_inaccurate'")
 
 
-def test_solver_failure_falls_back_to_closed_form_and_is_counted(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_solver_failure_falls_back_to_closed_form_and_is_counted() -> None:
     problem = window(30, seed=2)
-    with caplog.at_level(logging.WARNING, logger="clearbudget.solver.allocate"):
-        result = solve_window(problem, method="cvxpy", allocator=BrokenAllocator())
+    result = solve_window(problem, method="cvxpy", allocator=BrokenAllocator())
     assert result.fallbacks == 1
     assert result.fell_back
     assert result.solver == "closed_form"
     assert "optimal_inaccurate" in (result.fallback_reason or "")
-    assert "fallback" in caplog.text
     closed = solve_window(problem, method="closed_form")
     assert result.shadow_price == closed.shadow_price
     assert closed.fallbacks == 0
