@@ -72,6 +72,8 @@ class Consumer(Protocol):
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
 
+    async def position(self, partition: TopicPartition) -> int: ...
+
 
 @dataclass
 class DaemonState:
@@ -116,6 +118,8 @@ class Daemon:
         # End offsets asked for while paused: a paused partition is not fetched, so the
         # consumer's highwater (learned from fetches) stops moving and the lag would freeze.
         self._end_offsets: dict[TopicPartition, int] = {}
+        # Where a paused partition that nothing was read from yet will start reading.
+        self._start_offsets: dict[TopicPartition, int] = {}
         self._sink = sink
         self._pipeline = pipeline
         self._ledger = ledger
@@ -220,10 +224,15 @@ class Daemon:
         leader election, an old broker) the last ones known are kept: the broker's health is
         `topics()`'s to say."""
         partitions = list(self._consumer.assignment())
+        unread = [tp for tp in partitions if self._offsets.next_offset(tp) is None]
         try:
             ends = await asyncio.wait_for(
                 self._consumer.end_offsets(partitions), BROKER_CHECK_TIMEOUT_S
             )
+            for tp in unread:
+                self._start_offsets[tp] = await asyncio.wait_for(
+                    self._consumer.position(tp), BROKER_CHECK_TIMEOUT_S
+                )
         except (KafkaError, TimeoutError) as exc:
             self._log.debug("end_offsets_failed", error=type(exc).__name__)
             return
@@ -241,6 +250,8 @@ class Daemon:
             ends = (self._consumer.highwater(tp), self._end_offsets.get(tp))
             known = [end for end in ends if end is not None]
             read = self._offsets.next_offset(tp)
+            if read is None:
+                read = self._start_offsets.get(tp)
             if known and read is not None:
                 lag += max(max(known) - read, 0)
         return lag
@@ -470,6 +481,7 @@ class Daemon:
         self._offsets.forget(revoked)
         for tp in revoked:
             self._end_offsets.pop(tp, None)
+            self._start_offsets.pop(tp, None)
 
     async def _fence(self, revoked: set[TopicPartition]) -> None:
         def kept(item: PendingQuery) -> bool:

@@ -294,10 +294,19 @@ def test_backend_faults_retry_elsewhere_and_an_outage_is_waited_out(
         assert "clear_backend_outage 1.0" in metrics
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         time.sleep(8.0)  # the outage lasts a while; queued queries wait, none fail
+        # What arrives meanwhile waits in Kafka, and the lag says so: the partitions are
+        # paused, so the broker is asked for their end offsets.
+        late = [f"l{i:05d}" for i in range(50)]
+        produce(cluster, late, seconds=0.2)
+        deadline = time.monotonic() + 20
+        while _gauge(f"http://127.0.0.1:{port}/metrics", "clear_consumer_lag") < len(late):
+            assert time.monotonic() < deadline, "the lag never counted what arrived while paused"
+            time.sleep(0.5)
         # An endpoint returns: the waiting queries are served, the daemon is ready again.
         sim_a = start_simulator(rollouts, port_a, cluster.logs / "sim-a.log")
-        results = [r for r in read_result_records(cluster, set(down)) if r.id in set(down)]
-        assert {r.id for r in results} == set(down)
+        waited = set(down) | set(late)
+        results = [r for r in read_result_records(cluster, waited) if r.id in waited]
+        assert {r.id for r in results} == waited
         assert not [r for r in results if r.status.value == "failed"], "an outage failed queries"
         assert any(r.status.value == "answered" for r in results), "no recovery"
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
@@ -307,6 +316,14 @@ def test_backend_faults_retry_elsewhere_and_an_outage_is_waited_out(
     finally:
         for process in (daemon, sim_a, sim_b):
             stop_process(process, 30)
+
+
+def _gauge(url: str, name: str) -> float:
+    """A gauge's value in the daemon's /metrics (0 when absent)."""
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def rss_mib(pid: int) -> float:

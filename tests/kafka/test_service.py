@@ -106,6 +106,9 @@ class MemoryConsumer:
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self.logs[tp]) for tp in partitions}
 
+    async def position(self, partition: TopicPartition) -> int:
+        return self.positions[partition]
+
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         return {tp.partition for tp in self.logs} if topic == TOPIC else None
 
@@ -290,6 +293,20 @@ async def test_the_lag_keeps_counting_what_arrives_while_the_partitions_are_paus
     ready = True
     await until(lambda: len(sink.results) == 35)
     await until(lambda: lag("clear_consumer_lag") == 0)
+    stop.set()
+    await task
+
+
+async def test_a_backlog_waiting_before_anything_was_read_counts_as_lag() -> None:
+    consumer, sink = FetchedHighwater(partitions=2), MemorySink()
+    daemon = make_daemon(consumer, sink, backend_ready=lambda: False,
+                         broker_check_interval_s=0.05, registry=(registry := CollectorRegistry()))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await until(lambda: bool(consumer.paused))  # no pod from the start: nothing read
+    for i in range(12):
+        consumer.append(i % 2, query(i))
+    await until(lambda: registry.get_sample_value("clear_consumer_lag") == 12)
     stop.set()
     await task
 
