@@ -289,12 +289,11 @@ def _fit_queries(
     censored = ~finished
     has_chain = censored.any(axis=1) if plan.enabled else np.ones(n, dtype=bool)
     continued = np.where(has_chain, np.argmax(censored, axis=1), -1) if plan.enabled else None
-    curves = model.curves(queries, plan.tokens if plan.enabled else 0,
-                          _siblings(outcomes, continued))  # fmt: skip
-    answer_now, fallback, agreement = probe_answers(outcomes, s.agree_votes)
-    # Disagreeing finished probes lower the curve; a query with no chain left has none.
-    utility = curves.utility * np.where(has_chain, agreement, 0.0)[:, None]
-    a, tau, beta = fit_surge(curves.budgets, utility)
+    budgets, utility, answer_now, fallback = _continuation_curves(
+        model, queries, outcomes, continued, plan.tokens if plan.enabled else 0, s.agree_votes
+    )
+    utility = utility * has_chain[:, None]  # a query with no chain left has no curve
+    a, tau, beta = fit_surge(budgets, utility)
     # No censored chain left means every probe finished: answer with what they said.
     answer_now = tuple(
         ans if ans is not None or has_chain[i] else fallback[i] for i, ans in enumerate(answer_now)
@@ -308,7 +307,7 @@ def _fit_queries(
         continue_from=(continued if continued is not None else np.full(n, -1)).astype(np.int64),
         probe_tokens=lengths.sum(axis=1).astype(np.int64),
     )
-    return CurveWindow(fit, curves.budgets, utility)
+    return CurveWindow(fit, budgets, utility)
 
 
 def continuation_chance(
@@ -326,11 +325,27 @@ def continuation_chance(
     samples as its siblings, scaled by how their finished answers agree), given it survived
     that far."""
     s = settings or FitSettings()
-    siblings = _siblings([outcomes], np.array([continued], np.int64))
-    curves = model.curves([query], chain_tokens, siblings)
-    _, _, agreement = probe_answers([outcomes], s.agree_votes)
-    at = np.asarray(extras, np.float64)
-    return np.interp(at, curves.budgets, curves.utility[0]) * agreement[0]
+    budgets, utility, _, _ = _continuation_curves(
+        model, [query], [outcomes], np.array([continued], np.int64), chain_tokens, s.agree_votes
+    )
+    return np.interp(np.asarray(extras, np.float64), budgets, utility[0])
+
+
+def _continuation_curves(
+    model: DifficultyModel,
+    queries: Sequence[QueryInfo],
+    outcomes: Sequence[Sequence[ProbeOutcome]],
+    continued: NDArray[np.int64] | None,
+    survived: int,
+    agree_votes: int,
+) -> tuple[FloatArray, FloatArray, tuple[str | None, ...], tuple[str | None, ...]]:
+    """The grid and each query's U(b) from `survived` tokens on: the model's curve with its
+    other probe samples as siblings, lowered where finished probes disagree; and the probes'
+    early and fallback answers (`probe_answers`). One place, so that `fit_queries` and
+    `continuation_chance` value a chain alike."""
+    curves = model.curves(queries, survived, _siblings(outcomes, continued))
+    answer_now, fallback, agreement = probe_answers(outcomes, agree_votes)
+    return curves.budgets, curves.utility * agreement[:, None], answer_now, fallback
 
 
 def _siblings(
